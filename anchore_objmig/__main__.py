@@ -1,0 +1,3 @@
+from anchore_objmig.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""The command line: the parser (also the man page's source) and dispatch."""
+
+import argparse
+import logging
+import os
+import sys
+
+from anchore_objmig import __version__, logs
+from anchore_objmig.errors import EXIT_FAILED, EXIT_USAGE, ObjmigError
+
+log = logging.getLogger("anchore_objmig")
+
+DESCRIPTION = """\
+Move Anchore's object-store documents (SBOMs, analysis reports, manifests,
+policy evaluations) between storage backends: PostgreSQL (db, db2), S3 or
+MinIO (s3) and local files (localfs). A drop-in replacement for
+`anchore-manager objectstorage`: same commands and flags, but parallel,
+resumable, and honest about failures. Anchore services must be stopped while
+a migration runs; the database must be up."""
+
+EPILOG = """\
+exit status:
+  0  everything done
+  1  the operation ran and failed for some documents or checks (named on stderr)
+  2  bad usage or configuration; nothing was changed
+
+environment:
+  ANCHORE_OBJMIG_DB_CONNECT  database URL when --db-connect is not given
+  PGPASSWORD, PGPASSFILE     standard libpq password sources
+  ANCHORE_*                  substituted into ${ANCHORE_*} placeholders of config files
+  ANCHORE_ENV_FILE           a file of KEY=value lines read for those placeholders
+"""
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def bucket_name(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a logical bucket name must not be empty")
+    return text
+
+
+def size_bytes(text):
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    factor = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 8MiB, got {text!r}") from None
+    if value < 5 * 1024 * 1024:
+        raise argparse.ArgumentTypeError("must be at least 5MiB (the smallest S3 multipart part)")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="anchore-objmig",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    database = parser.add_argument_group("database (global options, before the command)")
+    database.add_argument(
+        "--db-connect",
+        metavar="URL",
+        default=os.environ.get("ANCHORE_OBJMIG_DB_CONNECT"),
+        help="the Anchore catalog database: postgresql://user:pass@host:5432/db, the SQLAlchemy forms "
+        "postgresql+pg8000:// and postgresql+psycopg2://, or a libpq keyword string "
+        "(default: $ANCHORE_OBJMIG_DB_CONNECT). Leave the password out to use PGPASSWORD or ~/.pgpass",
+    )
+    database.add_argument("--db-use-ssl", action="store_true", help="require SSL (sslmode=require)")
+    database.add_argument(
+        "--db-sslmode",
+        choices=["disable", "allow", "prefer", "require", "verify-ca", "verify-full"],
+        help="libpq sslmode, e.g. verify-full with --db-sslrootcert (overrides --db-use-ssl)",
+    )
+    database.add_argument("--db-sslrootcert", metavar="FILE", help="CA certificate file to verify the server with")
+    database.add_argument("--db-retries", type=int, default=3, metavar="N", help="connection attempts after the first (default 3)")
+    database.add_argument(
+        "--db-timeout", type=non_negative_float, default=0, metavar="S",
+        help="cancel any single statement running longer than S seconds; 0: no limit (default)",
+    )
+    database.add_argument("--db-connect-timeout", type=positive_int, default=10, metavar="S", help="seconds to wait for a connection (default 10)")
+    output = parser.add_argument_group("output (global options, before the command)")
+    output.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines on stderr as text or one JSON object each (default text)")
+    verbosity = output.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    check = commands.add_parser(
+        "check",
+        help="test a configuration: store, fetch and delete a test document",
+        description="Write a test document (user test, bucket anchorecliconfigtest) through the configured "
+        "object store, read it back, compare it, delete it and confirm it is gone.",
+    )
+    check.add_argument("config", metavar="CONFIG", help="an Anchore config.yaml")
+    check.add_argument("--analysis-archive", action="store_true", help="check the analysis_archive section instead of object_store")
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="move every document from one configuration's store to another's",
+        description="Move every document stored where FROM_CONFIG says to where TO_CONFIG says, rewrite "
+        "its metadata row, then delete the source copy. Safe to interrupt: run the same command again "
+        "to finish. Prints the section to put into config.yaml at the end.",
+    )
+    migrate.add_argument("from_config", metavar="FROM_CONFIG", help="config.yaml the services use now")
+    migrate.add_argument("to_config", metavar="TO_CONFIG", help="config.yaml with the destination store")
+    migrate.add_argument("--from-analysis-archive", action="store_true", help="take the source from FROM_CONFIG's analysis_archive section")
+    migrate.add_argument("--to-analysis-archive", action="store_true", help="take the destination from TO_CONFIG's analysis_archive section")
+    migrate.add_argument("--nodelete", action="store_true", help="keep the source copies (you remove them later)")
+    migrate.add_argument("--dontask", action="store_true", help="do not ask for confirmation (for batch jobs)")
+    migrate.add_argument(
+        "--bucket", action="append", type=bucket_name, default=[], metavar="NAME",
+        help="only this logical bucket, e.g. analysis_archive (repeatable; not an S3 bucket)",
+    )
+    migrate.add_argument("--dry-run", action="store_true", help="print what would be moved (per bucket and user) and change nothing")
+    migrate.add_argument("--join", action="store_true", help="help a migration of the same locations running on another host")
+    migrate.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N", help="worker processes (default: the number of CPUs)")
+    migrate.add_argument("--io-threads", type=positive_int, default=8, metavar="N", help="network threads per worker (default 8)")
+    migrate.add_argument("--batch-size", type=positive_int, default=500, metavar="N", help="documents per batch (default 500)")
+    migrate.add_argument("--shard-size", type=positive_int, default=5000, metavar="N", help="at most N documents per shard (default 5000)")
+    migrate.add_argument(
+        "--multipart-threshold", type=size_bytes, default=8 * 1024 * 1024, metavar="SIZE",
+        help="S3 documents larger than this go up in parts of this size (default 8MiB)",
+    )
+    migrate.add_argument("--show-secrets", action="store_true", help="print secrets in the final configuration section instead of <redacted>")
+
+    commands.add_parser("list-migrations", help="show the migration history", description="Show every migration task recorded in the database.")
+    commands.add_parser("list-drivers", help="show the storage drivers", description="Show the storage drivers this tool can read and write.")
+    return parser
+
+
+def db_settings(args):
+    from anchore_objmig.db import DbSettings, to_conninfo
+
+    sslmode = args.db_sslmode or ("require" if args.db_use_ssl else None)
+    return DbSettings(
+        conninfo=to_conninfo(args.db_connect),
+        retries=max(0, args.db_retries),
+        connect_timeout=args.db_connect_timeout,
+        statement_timeout=args.db_timeout,
+        sslmode=sslmode,
+        sslrootcert=args.db_sslrootcert,
+    )
+
+
+def dispatch(args):
+    if args.command == "list-drivers":
+        from anchore_objmig.drivers import DRIVERS, UNSUPPORTED
+
+        for name, driver in sorted(DRIVERS.items()):
+            print(f"{name:8} {driver.scheme + '://':8} {driver.summary}")
+        for name, why in UNSUPPORTED.items():
+            print(f"{name:8} (refused) {why}")
+        return 0
+    if args.command == "check":
+        from anchore_objmig import check
+
+        return check.run(args.config, args.analysis_archive, db_settings(args))
+    if args.command == "list-migrations":
+        from anchore_objmig import db, tasks
+
+        conn = db.connect(db_settings(args), autocommit=True)
+        try:
+            db.require_anchore_tables(conn)
+            print(tasks.format_table(tasks.list_tasks(conn)))
+        finally:
+            conn.close()
+        return 0
+    if args.command == "migrate":
+        from anchore_objmig import migrate
+
+        options = migrate.MigrateOptions(
+            from_config=args.from_config,
+            to_config=args.to_config,
+            from_analysis_archive=args.from_analysis_archive,
+            to_analysis_archive=args.to_analysis_archive,
+            delete_source=not args.nodelete,
+            ask=not args.dontask and not args.dry_run and not args.join,
+            buckets=tuple(dict.fromkeys(args.bucket)),
+            workers=args.workers,
+            io_threads=args.io_threads,
+            batch_size=args.batch_size,
+            shard_documents=args.shard_size,
+            multipart_threshold=args.multipart_threshold,
+            join=args.join,
+            dry_run=args.dry_run,
+            show_secrets=args.show_secrets,
+            log_settings=(log_level(args), args.log_format),
+        )
+        return migrate.run(options, db_settings(args))
+    raise AssertionError(args.command)
+
+
+def log_level(args):
+    return "WARNING" if args.quiet else "DEBUG" if args.verbose else "INFO"
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.configure(log_level(args), args.log_format)
+    try:
+        return dispatch(args)
+    except ObjmigError as exc:
+        log.error("%s", exc)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        log.error("interrupted; documents already moved stay moved, run the same command again to finish")
+        return EXIT_FAILED
+    except Exception as exc:  # a bug, or a failure we did not foresee: one line, not a traceback
+        from anchore_objmig.db import redacted
+
+        log.error("unexpected error: %s: %s", type(exc).__name__, redacted(str(exc).strip().splitlines()[0] if str(exc).strip() else ""))
+        log.debug("traceback", exc_info=True)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

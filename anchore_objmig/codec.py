@@ -1,0 +1,95 @@
+"""Compression, decompression and digests: the only module that knows zlib.
+
+Anchore stores a document either as its plain bytes or as zlib data (level 3)
+and records which in ``archive_metadata.is_compressed``; ``digest`` is the MD5
+hex of the stored bytes and ``size`` their length. Both zlib and hashlib run
+in C and release the GIL on large buffers, so I/O threads overlap with them.
+"""
+
+import base64
+import hashlib
+import zlib
+from dataclasses import dataclass
+
+ZLIB_LEVEL = 3
+
+
+class DigestMismatch(ValueError):
+    """The stored bytes do not hash to the digest in the metadata row."""
+
+
+class CorruptDocument(ValueError):
+    """The stored bytes claim to be compressed but do not decompress."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Bytes as a backend stores them, with the metadata Anchore records."""
+
+    data: bytes
+    is_compressed: bool
+    digest: str  # MD5 hex of data
+    md5: bytes  # the raw MD5, for Content-MD5 headers
+
+    @property
+    def size(self):
+        return len(self.data)
+
+
+def md5_of(data):
+    return hashlib.md5(data, usedforsecurity=False)
+
+
+def decode(stored_bytes, is_compressed, expected_digest):
+    """The document's plain bytes, after checking the digest of what was stored.
+
+    A NULL digest (rows written by very old Anchore versions) cannot be checked
+    and is accepted; any other mismatch refuses the document.
+    """
+    if expected_digest:
+        actual = md5_of(stored_bytes).hexdigest()
+        if actual != expected_digest.strip().lower():
+            raise DigestMismatch(f"digest mismatch: metadata says {expected_digest}, stored bytes hash to {actual}")
+    if not is_compressed:
+        return stored_bytes
+    try:
+        return zlib.decompress(stored_bytes)
+    except zlib.error as exc:
+        raise CorruptDocument(f"marked compressed but does not decompress: {exc}") from None
+
+
+def encode(plain, compress, threshold):
+    """Plain bytes as they should be stored: zlib when enabled and len > threshold."""
+    is_compressed = bool(compress) and len(plain) > threshold
+    data = zlib.compress(plain, ZLIB_LEVEL) if is_compressed else plain
+    digest = md5_of(data)
+    return Stored(data=data, is_compressed=is_compressed, digest=digest.hexdigest(), md5=digest.digest())
+
+
+def content_md5_header(md5_bytes):
+    """The base64 form of a raw MD5, as the Content-MD5 header wants it."""
+    return base64.b64encode(md5_bytes).decode("ascii")
+
+
+def to_db_text(data):
+    """archive_document.jsondata and b64_encoded for stored bytes.
+
+    Valid UTF-8 (JSON documents) is stored as text; anything else, e.g. zlib
+    data, base64 with newlines (MIME style), as Anchore's db driver does.
+    NUL is valid UTF-8 but PostgreSQL text cannot hold it, so it goes base64.
+    """
+    if b"\x00" not in data:
+        try:
+            return data.decode("utf-8"), False
+        except UnicodeDecodeError:
+            pass
+    return base64.encodebytes(data).decode("ascii"), True
+
+
+def from_db_text(jsondata, b64_encoded):
+    """Stored bytes from archive_document.jsondata; NULL reads as empty."""
+    if jsondata is None:
+        return b""
+    if b64_encoded:
+        return base64.b64decode(jsondata)
+    return jsondata.encode("utf-8")

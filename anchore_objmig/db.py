@@ -1,0 +1,105 @@
+"""Connections to Anchore's catalog database, and the migration lock.
+
+``--db-connect`` takes what Anchore's own tooling takes (SQLAlchemy URLs such
+as ``postgresql+pg8000://user:pass@host:5432/db``) as well as plain libpq URLs
+and keyword strings. The password is never logged: every message that shows
+the target goes through ``redacted``.
+"""
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import psycopg
+
+from anchore_objmig.errors import ObjmigError, UsageError
+
+log = logging.getLogger(__name__)
+
+# Anchore's anchore-manager takes pg_advisory_lock(2, 1) for a migration; taking
+# the same lock makes this tool and the original exclude each other.
+MIGRATION_LOCK = (2, 1)
+APPLICATION_NAME = "anchore-objmig"
+ENV_DB_CONNECT = "ANCHORE_OBJMIG_DB_CONNECT"
+URL_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
+KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+
+
+@dataclass(frozen=True)
+class DbSettings:
+    conninfo: str  # libpq URL or keyword string; may hold a password
+    retries: int = 3
+    connect_timeout: int = 10
+    statement_timeout: float = 0
+    sslmode: str | None = None
+    sslrootcert: str | None = None
+
+    @property
+    def display(self):
+        return redacted(self.conninfo)
+
+
+def redacted(text):
+    """`text` with any database password replaced by ***."""
+    text = URL_PASSWORD.sub(r"\1***\3", str(text))
+    return KEYWORD_PASSWORD.sub(r"\1***", text)
+
+
+def to_conninfo(db_connect):
+    """A libpq conninfo from an Anchore/SQLAlchemy style URL or a keyword string."""
+    db_connect = (db_connect or "").strip()
+    if not db_connect:
+        raise UsageError(f"no database given: pass --db-connect URL or set {ENV_DB_CONNECT}")
+    if "://" not in db_connect:
+        return db_connect  # a libpq keyword string: host=... dbname=...
+    scheme, rest = db_connect.split("://", 1)
+    dialect = scheme.split("+", 1)[0].lower()
+    if dialect not in ("postgresql", "postgres"):
+        raise UsageError(f"--db-connect: unsupported database URL scheme {scheme!r} (expected postgresql://...)")
+    return "postgresql://" + rest
+
+
+def connect(settings, autocommit=False):
+    """A psycopg connection, retried with backoff while the server is unreachable."""
+    kwargs = {"connect_timeout": settings.connect_timeout, "application_name": APPLICATION_NAME}
+    if settings.sslmode:
+        kwargs["sslmode"] = settings.sslmode
+    if settings.sslrootcert:
+        kwargs["sslrootcert"] = settings.sslrootcert
+    if settings.statement_timeout:
+        kwargs["options"] = f"-c statement_timeout={int(settings.statement_timeout * 1000)}"
+    delay = 0.5
+    for attempt in range(settings.retries + 1):
+        try:
+            return psycopg.connect(settings.conninfo, autocommit=autocommit, **kwargs)
+        except psycopg.ProgrammingError as exc:  # a malformed conninfo: retrying cannot help
+            raise UsageError(f"--db-connect: {redacted(first_line(exc))}") from None
+        except psycopg.OperationalError as exc:
+            problem = redacted(first_line(exc))
+            if attempt == settings.retries or "password authentication failed" in problem:
+                raise ObjmigError(f"cannot connect to the database {settings.display}: {problem}") from None
+            log.warning("database not reachable (%s); retrying in %.1fs", problem, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10)
+
+
+def first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def require_anchore_tables(conn):
+    """Refuse to run against a database that has no Anchore object store."""
+    row = conn.execute("SELECT to_regclass('archive_metadata') IS NOT NULL").fetchone()
+    if not row[0]:
+        raise UsageError("the database has no archive_metadata table: is --db-connect the Anchore catalog database?")
+
+
+def try_migration_lock(conn):
+    """Take Anchore's migration lock without waiting; False if someone holds it."""
+    return conn.execute("SELECT pg_try_advisory_lock(%s, %s)", MIGRATION_LOCK).fetchone()[0]
+
+
+def release_migration_lock(conn):
+    conn.execute("SELECT pg_advisory_unlock(%s, %s)", MIGRATION_LOCK)

@@ -1,0 +1,58 @@
+"""The storage drivers, by the name a config's storage_driver.name gives them."""
+
+from dataclasses import dataclass, field
+
+from anchore_objmig.drivers.base import DocRow, Driver, NotFound, WriteItem
+from anchore_objmig.drivers.db import DbDriver
+from anchore_objmig.drivers.db2 import Db2Driver
+from anchore_objmig.drivers.localfs import LocalFsDriver
+from anchore_objmig.drivers.s3 import S3Driver
+from anchore_objmig.errors import ConfigError
+
+DRIVERS = {driver.name: driver for driver in (DbDriver, Db2Driver, S3Driver, LocalFsDriver)}
+# Known to Anchore but not to this tool: refused with a clear message.
+UNSUPPORTED = {"swift": "the swift driver (OpenStack Swift) is not supported by anchore-objmig"}
+DEFAULT_MULTIPART_THRESHOLD = 8 * 1024 * 1024
+
+__all__ = ["DRIVERS", "DocRow", "Driver", "DriverContext", "NotFound", "WriteItem", "make_driver", "validate_store"]
+
+
+@dataclass
+class DriverContext:
+    """What drivers share inside one process: the database connection and
+    the I/O settings."""
+
+    db_settings: object = None  # anchore_objmig.db.DbSettings
+    io_threads: int = 8
+    multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD
+    _connection: object = field(default=None, repr=False)
+
+    def db_connection(self):
+        """The process's autocommit connection; `with conn.transaction()` scopes work."""
+        from anchore_objmig import db
+
+        if self._connection is None or self._connection.closed:
+            self._connection = db.connect(self.db_settings, autocommit=True)
+        return self._connection
+
+    def close(self):
+        if self._connection is not None and not self._connection.closed:
+            self._connection.close()
+
+
+def driver_class(store):
+    name = store.driver_name
+    if name in UNSUPPORTED:
+        raise ConfigError(store.path, f"{store.key}.storage_driver.name", UNSUPPORTED[name])
+    if name not in DRIVERS:
+        known = ", ".join(sorted(DRIVERS))
+        raise ConfigError(store.path, f"{store.key}.storage_driver.name", f"unknown driver {name!r} (known: {known})")
+    return DRIVERS[name]
+
+
+def validate_store(store):
+    driver_class(store).validate(store)
+
+
+def make_driver(store, context):
+    return driver_class(store)(store, context)

@@ -1,0 +1,111 @@
+"""What every storage driver offers, and the records that pass between them.
+
+A driver owns one *location*: a URL prefix such as ``db://`` or
+``s3://bucket/prefix``. It builds document URLs in Anchore's exact layout,
+and reads, writes and deletes documents in bulk (one call per batch), so the
+worker never loops over single documents against a backend.
+"""
+
+import hashlib
+from dataclasses import dataclass
+
+from anchore_objmig.codec import Stored
+
+
+@dataclass(frozen=True, slots=True)
+class DocRow:
+    """One archive_metadata row: a document and where its bytes are."""
+
+    bucket: str
+    archive_id: str
+    user_id: str
+    document_name: str
+    content_url: str
+    is_compressed: bool
+    digest: str | None
+    size: int | None
+
+    @property
+    def label(self):
+        """How the operator sees this document in messages."""
+        return f"{self.user_id}/{self.bucket}/{self.archive_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class WriteItem:
+    """A document to store at `url`, already encoded for the destination."""
+
+    url: str
+    user_id: str
+    bucket: str
+    archive_id: str
+    stored: Stored
+
+
+def md5_hex(text):
+    return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+class Driver:
+    """Base of the storage drivers; subclasses fill in the bulk operations."""
+
+    name = ""  # the config's storage_driver.name
+    scheme = ""  # the URL scheme of content_url
+    summary = ""  # one line for list-drivers
+    supports_compression = True
+    # "plain": {base}{userId}/{bucket}/{archiveId}
+    # "md5":   {base}{md5(userId)}/{bucket}/{md5(archiveId)[:2]}/{md5(archiveId)}.json
+    key_layout = "plain"
+
+    def __init__(self, store, context):
+        self.store = store
+        self.context = context
+
+    @classmethod
+    def validate(cls, store):
+        """Raise ConfigError for a driver config that cannot work."""
+
+    @property
+    def url_base(self):
+        """Everything in a document URL before the per-document part."""
+        return f"{self.scheme}://"
+
+    @property
+    def location(self):
+        """The URL prefix that identifies this driver's documents."""
+        return self.url_base
+
+    def url_for(self, user_id, bucket, archive_id):
+        if self.key_layout == "md5":
+            doc = md5_hex(archive_id)
+            return f"{self.url_base}{md5_hex(user_id)}/{bucket}/{doc[:2]}/{doc}.json"
+        return f"{self.url_base}{user_id}/{bucket}/{archive_id}"
+
+    def owns(self, url):
+        return url.startswith(self.location)
+
+    def describe(self):
+        """The location for messages; never holds a secret."""
+        return self.location
+
+    def check_access(self, write):
+        """Fail early if the backend cannot be reached (or written, if `write`)."""
+
+    def read_many(self, urls):
+        """{url: stored bytes or the exception that stopped its read}."""
+        raise NotImplementedError
+
+    def write_many(self, items):
+        """Store every WriteItem; {url: exception} for those that failed."""
+        raise NotImplementedError
+
+    def delete_many(self, urls):
+        """Delete the documents at `urls`; {url: exception} for those that failed."""
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+class NotFound(LookupError):
+    """The backend has no document at that URL."""

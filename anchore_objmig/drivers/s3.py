@@ -1,0 +1,311 @@
+"""The `s3` driver: AWS S3 and compatible servers (MinIO, Ceph, SeaweedFS).
+
+Every PUT, every multipart part and every DeleteObjects carries Content-MD5,
+so the server itself checks that the bytes it stored are the bytes we sent:
+that check is what lets a migration delete the source copy afterwards.
+"""
+
+import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from anchore_objmig import codec
+from anchore_objmig.drivers.base import Driver, NotFound
+from anchore_objmig.errors import ObjmigError, StorageError, UsageError
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "binary/octet-stream"  # what Anchore writes
+DELETE_BATCH = 1000  # DeleteObjects' limit
+MIN_PART_SIZE = 5 * 1024 * 1024  # S3's smallest multipart part (but the last)
+PROBE_DIR = ".anchore-objmig-probe/"
+AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken", "ExpiredToken"}
+MISSING_BUCKET = {"NoSuchBucket", "404", "NotFound"}
+
+
+def split_s3_url(url):
+    """(bucket, key) of an s3:// URL; the bucket in the URL wins over the config's."""
+    body = url[len("s3://"):]
+    bucket, _, key = body.partition("/")
+    if not bucket or not key:
+        raise StorageError(f"malformed s3 URL: {url}")
+    return bucket, key
+
+
+def error_code(exc):
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return str(exc.response.get("Error", {}).get("Code", "")) or "ClientError"
+    return type(exc).__name__
+
+
+def describe_error(exc):
+    """One line about a boto error; boto messages never hold the credentials."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        message = error.get("Message") or ""
+        return f"{error.get('Code', 'ClientError')}: {message}".rstrip(": ")
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def add_content_md5(request, **_):
+    """Give DeleteObjects a Content-MD5 header.
+
+    botocore 1.36+ sends a CRC32 checksum instead when checksums are only
+    "when_required"; MinIO-derived servers insist on Content-MD5 and refuse
+    the request with MissingContentMD5 without it.
+    """
+    body = request.body or b""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    if "Content-MD5" in request.headers:  # a multi-dict: a retry would add a second one
+        del request.headers["Content-MD5"]
+    request.headers["Content-MD5"] = codec.content_md5_header(codec.md5_of(body).digest())
+
+
+class S3Driver(Driver):
+    name = "s3"
+    scheme = "s3"
+    summary = "AWS S3 or a compatible server (MinIO, Ceph, SeaweedFS)"
+
+    @classmethod
+    def validate(cls, store):
+        config = store.driver_config
+        bucket = config.get("bucket")
+        if not isinstance(bucket, str) or not bucket.strip():
+            raise store.error("bucket", "required for the s3 driver")
+        iamauto = config.get("iamauto") in (True, "true", "True", "yes")
+        has_keys = bool(config.get("access_key")) and bool(config.get("secret_key"))
+        if not iamauto and not has_keys:
+            raise store.error("access_key", "set access_key and secret_key, or iamauto: true")
+        if not config.get("url") and not config.get("region"):
+            raise store.error("url", "set url (an S3-compatible endpoint) or region (AWS)")
+        prefix = config.get("prefix")
+        if prefix is not None and not isinstance(prefix, str):
+            raise store.error("prefix", "must be a string")
+
+    def __init__(self, store, context):
+        super().__init__(store, context)
+        config = store.driver_config
+        self.bucket = config["bucket"].strip()
+        self.prefix = config.get("prefix") or ""
+        self.endpoint = config.get("url") or None
+        self.part_size = max(context.multipart_threshold, MIN_PART_SIZE)
+        self.client = make_client(config, context.io_threads)
+        self.pool = None
+
+    @property
+    def url_base(self):
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def describe(self):
+        where = f" at {self.endpoint}" if self.endpoint else ""
+        return f"{self.url_base}{where}"
+
+    def executor(self):
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.context.io_threads, thread_name_prefix="s3")
+        return self.pool
+
+    # -- start-up checks -------------------------------------------------
+    def check_access(self, write):
+        """Check the bucket exists (creating it if configured) and, for a
+        destination, that we may write under the prefix."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.ClientError as exc:
+            code = error_code(exc)
+            if code in MISSING_BUCKET:
+                if write and self.store.driver_config.get("create_bucket") in (True, "true", "True", "yes"):
+                    self.create_bucket()
+                else:
+                    raise UsageError(
+                        f"S3 bucket {self.bucket!r} does not exist{self.where()} "
+                        "(create it, or set create_bucket: true)"
+                    ) from None
+            elif code in AUTH_ERRORS:
+                raise UsageError(f"S3 refused our credentials for bucket {self.bucket!r}{self.where()} ({code})") from None
+            else:
+                raise ObjmigError(f"S3 bucket {self.bucket!r}{self.where()}: {describe_error(exc)}") from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise ObjmigError(f"cannot reach S3{self.where()}: {describe_error(exc)}") from None
+        if write:
+            self.probe_write()
+
+    def where(self):
+        return f" at {self.endpoint}" if self.endpoint else ""
+
+    def create_bucket(self):
+        kwargs = {"Bucket": self.bucket}
+        region = self.client.meta.region_name
+        if not self.endpoint and region and region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            self.client.create_bucket(**kwargs)
+        except botocore.exceptions.ClientError as exc:
+            if error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise UsageError(f"cannot create S3 bucket {self.bucket!r}{self.where()}: {describe_error(exc)}") from None
+        log.info("created S3 bucket %s", self.bucket)
+
+    def probe_write(self):
+        """Write and delete a tiny object under the prefix (never at the bucket
+        root, so prefix-scoped IAM policies work)."""
+        key = f"{self.prefix}{PROBE_DIR}{uuid.uuid4().hex}"
+        body = b"anchore-objmig write probe"
+        try:
+            self.put(key, body, codec.md5_of(body).digest())
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except botocore.exceptions.ClientError as exc:
+            code = error_code(exc)
+            kind = UsageError if code in AUTH_ERRORS else ObjmigError
+            raise kind(f"cannot write to s3://{self.bucket}/{self.prefix}{self.where()}: {describe_error(exc)}") from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise ObjmigError(f"cannot reach S3{self.where()}: {describe_error(exc)}") from None
+
+    # -- bulk operations ---------------------------------------------------
+    def read_many(self, urls):
+        return dict(zip(urls, self.executor().map(self.read_one, urls)))
+
+    def read_one(self, url):
+        try:
+            bucket, key = split_s3_url(url)
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except botocore.exceptions.ClientError as exc:
+            if error_code(exc) in ("NoSuchKey", "404"):
+                return NotFound(f"no object at {url}")
+            return StorageError(f"cannot read {url}: {describe_error(exc)}")
+        except (botocore.exceptions.BotoCoreError, StorageError, OSError) as exc:
+            return StorageError(f"cannot read {url}: {describe_error(exc)}")
+
+    def write_many(self, items):
+        results = self.executor().map(self.write_one, items)
+        return {item.url: error for item, error in zip(items, results) if error}
+
+    def write_one(self, item):
+        try:
+            bucket, key = split_s3_url(item.url)
+            if len(item.stored.data) > self.part_size:
+                self.put_multipart(bucket, key, item.stored.data)
+            else:
+                self.put(key, item.stored.data, item.stored.md5, bucket)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, StorageError) as exc:
+            return StorageError(f"cannot write {item.url}: {describe_error(exc)}")
+        return None
+
+    def put(self, key, data, md5, bucket=None):
+        self.client.put_object(
+            Bucket=bucket or self.bucket,
+            Key=key,
+            Body=data,
+            ContentMD5=codec.content_md5_header(md5),
+            ContentType=CONTENT_TYPE,
+        )
+
+    def put_multipart(self, bucket, key, data):
+        """Multipart upload with Content-MD5 on every part.
+
+        s3transfer's managed upload cannot attach Content-MD5 to parts, so the
+        server could not check them; the parts are sent here directly.
+        """
+        upload = self.client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=CONTENT_TYPE)
+        upload_id = upload["UploadId"]
+        view = memoryview(data)
+        try:
+            parts = []
+            for number, start in enumerate(range(0, len(data), self.part_size), start=1):
+                chunk = view[start:start + self.part_size]
+                answer = self.client.upload_part(
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=bytes(chunk),
+                    ContentMD5=codec.content_md5_header(codec.md5_of(chunk).digest()),
+                )
+                parts.append({"ETag": answer["ETag"], "PartNumber": number})
+            self.client.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            except Exception:  # the original error is the one worth reporting
+                log.debug("could not abort multipart upload of %s", key)
+            raise
+
+    def delete_many(self, urls):
+        by_bucket = {}
+        for url in urls:
+            try:
+                bucket, key = split_s3_url(url)
+            except StorageError:
+                continue
+            by_bucket.setdefault(bucket, []).append((key, url))
+        chunks = [
+            (bucket, pairs[start:start + DELETE_BATCH])
+            for bucket, pairs in by_bucket.items()
+            for start in range(0, len(pairs), DELETE_BATCH)
+        ]
+        failures = {}
+        for result in self.executor().map(lambda chunk: self.delete_chunk(*chunk), chunks):
+            failures.update(result)
+        return failures
+
+    def delete_chunk(self, bucket, pairs):
+        url_of = {key: url for key, url in pairs}
+        try:
+            answer = self.client.delete_objects(
+                Bucket=bucket, Delete={"Objects": [{"Key": key} for key, _ in pairs], "Quiet": True}
+            )
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            error = StorageError(f"DeleteObjects in s3://{bucket} failed: {describe_error(exc)}")
+            return {url: error for _, url in pairs}
+        return {
+            url_of.get(err.get("Key"), err.get("Key")): StorageError(
+                f"cannot delete s3://{bucket}/{err.get('Key')}: {err.get('Code')}: {err.get('Message', '')}"
+            )
+            for err in answer.get("Errors", [])
+        }
+
+    def close(self):
+        if self.pool:
+            self.pool.shutdown()
+
+
+def truthy(value):
+    return value in (True, "true", "True", "yes", 1)
+
+
+def make_client(config, io_threads):
+    """A boto3 S3 client that works unchanged against AWS, MinIO and Ceph."""
+    region = config.get("region")
+    region = region if isinstance(region, str) and region else None
+    endpoint = config.get("url") or None
+    client_config = Config(
+        signature_version="s3v4",
+        # Path-style for custom endpoints: MinIO and Ceph rarely have wildcard DNS.
+        s3={"addressing_style": "path" if endpoint else "auto"},
+        # boto3 >= 1.36 defaults to CRC checksums that MinIO and Ceph reject.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        retries={"mode": "standard", "max_attempts": int(config.get("max_attempts", 5))},
+        max_pool_connections=max(10, io_threads * 2),
+        connect_timeout=float(config.get("connect_timeout", 10)),
+        read_timeout=float(config.get("read_timeout", 120)),
+    )
+    kwargs = {"config": client_config, "region_name": region or "us-east-1"}
+    if endpoint:
+        kwargs["endpoint_url"] = endpoint
+    if not truthy(config.get("iamauto")):
+        kwargs["aws_access_key_id"] = str(config.get("access_key"))
+        kwargs["aws_secret_access_key"] = str(config.get("secret_key"))
+    verify = config.get("ca_bundle") or config.get("verify")
+    if verify is not None:
+        kwargs["verify"] = verify if isinstance(verify, str) else truthy(verify)
+    client = boto3.session.Session().client("s3", **kwargs)
+    client.meta.events.register("before-sign.s3.DeleteObjects", add_content_md5)
+    return client

@@ -1,0 +1,324 @@
+"""The `migrate` command: plan, run workers over shards, report.
+
+The parent process holds Anchore's migration lock for the whole run, records
+the task, cuts the work into shards and starts the workers; workers (here, or
+on other hosts with --join) claim shards from the database until none is left.
+"""
+
+import logging
+import multiprocessing
+import sys
+import time
+from dataclasses import dataclass
+
+import yaml
+
+from anchore_objmig import db, plan, progress, tasks, worker
+from anchore_objmig.config import load_store_config
+from anchore_objmig.drivers import DriverContext, make_driver
+from anchore_objmig.errors import EXIT_FAILED, EXIT_OK, ObjmigError, UsageError
+from anchore_objmig.redaction import redact_section
+
+log = logging.getLogger(__name__)
+
+PROMPT = "Performing this operation requires *all* anchore-engine services to be stopped - proceed? (y/N) "
+STALE_SHARD_SECONDS = 300  # a running shard with no heartbeat for this long is given back
+NAMED_FAILURES = 200  # at most this many failed documents named on stderr
+
+
+@dataclass(frozen=True)
+class MigrateOptions:
+    from_config: str
+    to_config: str
+    from_analysis_archive: bool = False
+    to_analysis_archive: bool = False
+    delete_source: bool = True
+    ask: bool = True
+    buckets: tuple = ()
+    workers: int = 1
+    io_threads: int = 8
+    batch_size: int = 500
+    shard_documents: int = plan.DEFAULT_SHARD_DOCUMENTS
+    shard_bytes: int = plan.DEFAULT_SHARD_BYTES
+    multipart_threshold: int = 8 * 1024 * 1024
+    join: bool = False
+    dry_run: bool = False
+    show_secrets: bool = False
+    log_settings: tuple = ()
+
+
+def load_stores(options):
+    source = load_store_config(options.from_config, options.from_analysis_archive)
+    dest = load_store_config(options.to_config, options.to_analysis_archive)
+    return source, dest
+
+
+def confirm(ask):
+    """The original's prompt; anything but y/yes stops with nothing changed."""
+    if not ask:
+        return
+    sys.stderr.write(PROMPT)
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
+    if not answer:
+        raise UsageError("no answer to the prompt (standard input closed); pass --dontask to run unattended")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise UsageError("migration cancelled; nothing was changed")
+
+
+def describe_store(label, store, driver, show_secrets):
+    settings = {
+        "compression": {"enabled": store.compression_enabled, "min_size_kbytes": store.min_size_kbytes},
+        "storage_driver": redact_section(store.as_written.get("storage_driver") or {"name": store.driver_name, "config": {}}, show_secrets),
+    }
+    log.info("migration %s %s (%s in %s):\n%s", label, driver.describe(), store.key, store.path,
+             yaml.safe_dump(settings, default_flow_style=False, sort_keys=True).rstrip())
+
+
+def config_snippet(dest, show_secrets):
+    """What the operator must put into config.yaml, placeholders kept."""
+    section = redact_section(dest.as_written, show_secrets) or {
+        "compression": {"enabled": dest.compression_enabled, "min_size_kbytes": dest.min_size_kbytes},
+        "storage_driver": {"name": dest.driver_name, "config": {}},
+    }
+    return (
+        f"After this migration, the config.yaml of every Anchore service MUST have this {dest.key} section"
+        " before the services start again:\n"
+        + yaml.safe_dump({dest.key.rsplit(".", 1)[1]: section}, default_flow_style=False, sort_keys=True)
+    )
+
+
+def run(options, db_settings):
+    source_store, dest_store = load_stores(options)
+    context = DriverContext(db_settings, options.io_threads, options.multipart_threshold)
+    source = make_driver(source_store, context)
+    dest = make_driver(dest_store, context)
+    if source.location == dest.location:
+        raise UsageError(
+            f"source and destination are the same location ({source.describe()}); nothing to migrate"
+        )
+    where = plan.source_filter(source, dest, options.buckets)
+    conn = db.connect(db_settings, autocommit=True)
+    try:
+        db.require_anchore_tables(conn)
+        if options.dry_run:
+            return dry_run(conn, where, source, dest, dest_store, options)
+        if options.join:
+            return join(conn, options, db_settings, source, dest)
+        return migrate(conn, options, db_settings, where, source_store, dest_store, source, dest)
+    finally:
+        source.close()
+        dest.close()
+        conn.close()
+        context.close()
+
+
+def migrate(conn, options, db_settings, where, source_store, dest_store, source, dest):
+    if not db.try_migration_lock(conn):
+        raise ObjmigError(
+            "another migration is running: it holds the migration lock pg_advisory_lock(2, 1) "
+            "(use --join to help a running anchore-objmig migration of the same locations)"
+        )
+    progress.ensure_schema(conn)
+    describe_store("from", source_store, source, options.show_secrets)
+    describe_store("to", dest_store, dest, options.show_secrets)
+    confirm(options.ask)
+    close_abandoned_runs(conn)
+    source.check_access(write=False)
+    dest.check_access(write=True)
+
+    groups = plan.summarize(conn, where)
+    shards = plan.cut_shards(conn, where, groups, options.shard_documents, options.shard_bytes)
+    total = sum(group.documents for group in groups)
+    task_id = tasks.create_task(conn, source.name, dest.name, total)
+    progress.create_run(conn, task_id, source.location, dest.location, options.buckets, shards)
+    log.info("migration task %d: %d documents (%s) in %d shards, %d workers",
+             task_id, total, human_bytes(sum(g.bytes for g in groups)), len(shards), options.workers)
+    started = time.monotonic()
+    spec = worker_spec(options, db_settings, source_store, dest_store, task_id)
+    run_workers(spec, options.workers, options.log_settings, conn, task_id)
+    wait_for_other_hosts(conn, spec, options, task_id)
+    return finish(conn, task_id, dest_store, options, time.monotonic() - started)
+
+
+def worker_spec(options, db_settings, source_store, dest_store, task_id):
+    return worker.WorkerSpec(
+        db_settings=db_settings,
+        source=source_store,
+        dest=dest_store,
+        task_id=task_id,
+        buckets=tuple(options.buckets) or None,
+        delete_source=options.delete_source,
+        batch_size=options.batch_size,
+        io_threads=options.io_threads,
+        multipart_threshold=options.multipart_threshold,
+    )
+
+
+def close_abandoned_runs(conn):
+    """Runs left 'running' by a process that died: we hold the lock, so they are dead."""
+    for run_row in progress.running_runs(conn):
+        tasks.finish_task(conn, run_row.task_id, "failed")
+        progress.finish_run(conn, run_row.task_id, "failed")
+        log.warning(
+            "closed migration task %d as failed: its run stopped before finishing; "
+            "this run moves what it left at the source",
+            run_row.task_id,
+        )
+
+
+def run_workers(spec, count, log_settings, conn, task_id):
+    """Run `count` worker processes (or the loop in this process for 1)."""
+    reporter = ProgressReporter(conn, task_id)
+    if count <= 1:
+        worker.run_worker(spec, on_batch=reporter.maybe_report)
+        reporter.report()
+        return
+    spawn = multiprocessing.get_context("spawn")  # no inherited sockets or locks
+    processes = [
+        spawn.Process(target=worker.worker_main, args=(spec, log_settings), name=f"objmig-worker-{n}")
+        for n in range(count)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        while any(process.is_alive() for process in processes):
+            for process in processes:
+                process.join(timeout=1)
+            reporter.maybe_report()
+    except BaseException:
+        for process in processes:
+            process.terminate()
+        raise
+    reporter.report()
+    for process in processes:
+        if process.exitcode != 0:
+            log.error("worker %s ended with exit status %s", process.name, process.exitcode)
+
+
+def wait_for_other_hosts(conn, spec, options, task_id):
+    """Wait for shards that joined hosts still hold; take back those gone quiet."""
+    while True:
+        row = conn.execute(
+            """SELECT count(*) FILTER (WHERE state = 'pending'),
+                      count(*) FILTER (WHERE state = 'running' AND heartbeat > now() - make_interval(secs => %s)),
+                      count(*) FILTER (WHERE state = 'running' AND heartbeat <= now() - make_interval(secs => %s))
+               FROM objmig_shards WHERE task_id = %s""",
+            (STALE_SHARD_SECONDS, STALE_SHARD_SECONDS, task_id),
+        ).fetchone()
+        pending, active, stale = row
+        if stale:
+            conn.execute(
+                """UPDATE objmig_shards SET state = 'pending', worker = NULL
+                   WHERE task_id = %s AND state = 'running' AND heartbeat <= now() - make_interval(secs => %s)""",
+                (task_id, STALE_SHARD_SECONDS),
+            )
+            log.warning("took back %d shards whose worker went quiet", stale)
+            continue
+        if pending:
+            run_workers(spec, options.workers, options.log_settings, conn, task_id)
+            continue
+        if not active:
+            return
+        time.sleep(1)
+
+
+def join(conn, options, db_settings, source, dest):
+    """Work on the pending shards of a running migration between the same locations."""
+    runs = progress.running_runs(conn, source.location, dest.location)
+    if not runs:
+        raise ObjmigError(
+            f"no running migration from {source.describe()} to {dest.describe()} to join"
+        )
+    task_id = runs[-1].task_id
+    source_store, dest_store = load_stores(options)
+    log.info("joining migration task %d", task_id)
+    spec = worker_spec(options, db_settings, source_store, dest_store, task_id)
+    spec = worker.WorkerSpec(**{**spec.__dict__, "buckets": tuple(runs[-1].buckets or ()) or None})
+    run_workers(spec, options.workers, options.log_settings, conn, task_id)
+    log.info("no pending shards left in task %d; the host that started it finishes the task", task_id)
+    return EXIT_OK
+
+
+def finish(conn, task_id, dest_store, options, seconds):
+    """Close the task honestly, name what failed, and say what to configure."""
+    totals = progress.totals(conn, task_id)
+    failed = progress.failures(conn, task_id, "document")
+    leftovers = progress.failures(conn, task_id, "source-copy")
+    unfinished = progress.failed_shards(conn, task_id)
+    state = "complete" if not failed and not unfinished else "failed"
+    tasks.finish_task(conn, task_id, state)
+    progress.finish_run(conn, task_id, state)
+    rate = totals.documents_done / seconds if seconds > 0 else 0.0
+    log.info("migration task %d %s: %d documents (%s) moved in %.1fs (%.0f documents/s), %d failed",
+             task_id, state, totals.documents_done, human_bytes(totals.bytes_done), seconds, rate, len(failed))
+    for user_id, bucket, archive_id, url, error in failed[:NAMED_FAILURES]:
+        log.error("FAILED %s/%s/%s (%s): %s", user_id, bucket, archive_id, url, error)
+    if len(failed) > NAMED_FAILURES:
+        log.error("... and %d more failed documents (table objmig_failures, task_id %d)", len(failed) - NAMED_FAILURES, task_id)
+    for shard_no, bucket, user_id, error in unfinished:
+        log.error("shard %d (%s/%s) did not finish: %s", shard_no, user_id, bucket, error or "worker stopped")
+    for user_id, bucket, archive_id, url, error in leftovers[:NAMED_FAILURES]:
+        log.warning("LEFT %s: %s", url, error)
+    if state != "complete":
+        log.error("migration task %d failed: the documents named above are still at the source and readable; "
+                  "fix the cause and run the same command again to move them", task_id)
+        return EXIT_FAILED
+    print(config_snippet(dest_store, options.show_secrets), end="")
+    print("Note: if something goes wrong you can reverse the parameters of the migrate command to migrate back.")
+    if leftovers:
+        log.error("%d old copies could not be deleted from the source (listed above); remove them by hand", len(leftovers))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def dry_run(conn, where, source, dest, dest_store, options):
+    """Print what a migration would move; change nothing anywhere."""
+    groups = plan.summarize(conn, where)
+    shards = plan.cut_shards(conn, where, groups, options.shard_documents, options.shard_bytes)
+    would_compress = 0
+    if dest_store.compression_enabled and dest.supports_compression:
+        would_compress = conn.execute(
+            plan.sql.SQL("SELECT count(*) FROM archive_metadata m WHERE {} AND (m.is_compressed OR m.size > %s)").format(where),
+            (dest_store.compression_threshold,),
+        ).fetchone()[0]
+    print(f"dry run: from {source.describe()} to {dest.describe()}; nothing was changed")
+    width = max([len("bucket")] + [len(g.bucket) for g in groups])
+    user_width = max([len("user")] + [len(g.user_id) for g in groups])
+    print(f"{'bucket'.ljust(width)}  {'user'.ljust(user_width)}  {'documents':>10}  {'bytes':>12}")
+    for group in groups:
+        print(f"{group.bucket.ljust(width)}  {group.user_id.ljust(user_width)}  {group.documents:>10}  {group.bytes:>12}")
+    total = sum(g.documents for g in groups)
+    total_bytes = sum(g.bytes for g in groups)
+    print(f"total: {total} documents, {total_bytes} bytes ({human_bytes(total_bytes)}), "
+          f"{would_compress} would be compressed, {len(shards)} shards")
+    return EXIT_OK
+
+
+class ProgressReporter:
+    """A log line about the run's progress every few seconds."""
+
+    def __init__(self, conn, task_id, every=5.0):
+        self.conn, self.task_id, self.every = conn, task_id, every
+        self.started = self.last = time.monotonic()
+
+    def maybe_report(self):
+        if time.monotonic() - self.last >= self.every:
+            self.report()
+
+    def report(self):
+        self.last = time.monotonic()
+        totals = progress.totals(self.conn, self.task_id)
+        elapsed = max(self.last - self.started, 1e-6)
+        log.info("progress: %d/%d documents, %s, %.0f documents/s, %d failed, %d/%d shards done",
+                 totals.documents_done, totals.documents, human_bytes(totals.bytes_done),
+                 totals.documents_done / elapsed, totals.documents_failed, totals.shards_done, totals.shards)
+
+
+def human_bytes(count):
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{count} B"

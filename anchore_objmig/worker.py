@@ -1,0 +1,235 @@
+"""The per-shard loop: read, decode, check, encode, write, commit, delete.
+
+Order within a batch is what keeps every document readable at every instant:
+the destination copies are written and confirmed (S3 checks Content-MD5, a
+database write commits) before the metadata rows point at them, and the
+source copies are deleted only after that commit. A crash between any two
+steps leaves each metadata row pointing at a complete copy; a rerun selects
+what is still at the source and overwrites any stray destination copy.
+"""
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from anchore_objmig import codec, logs, plan, progress, tasks
+from anchore_objmig.db import DbSettings
+from anchore_objmig.drivers import DocRow, DriverContext, NotFound, WriteItem, make_driver
+
+log = logging.getLogger(__name__)
+
+COMMIT_METADATA = """
+UPDATE archive_metadata m
+   SET content_url = v.new_url, is_compressed = v.is_compressed, digest = v.digest, size = v.size,
+       last_updated = %s
+  FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bool[], %s::text[],
+              %s::bigint[]) AS v(bucket, archive_id, user_id, document_name, old_url, new_url, is_compressed, digest, size)
+ WHERE m.bucket = v.bucket AND m."archiveId" = v.archive_id AND m."userId" = v.user_id
+   AND m."documentName" = v.document_name AND m.content_url = v.old_url
+RETURNING m.bucket, m."archiveId", m."userId", m."documentName"
+"""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs; picklable for multiprocessing."""
+
+    db_settings: DbSettings
+    source: object  # StoreConfig
+    dest: object  # StoreConfig
+    task_id: int
+    buckets: tuple | None
+    delete_source: bool = True
+    batch_size: int = 500
+    io_threads: int = 8
+    multipart_threshold: int = 8 * 1024 * 1024
+
+
+@dataclass
+class BatchResult:
+    moved: list = field(default_factory=list)  # DocRows now at the destination
+    bytes: int = 0  # stored bytes written
+    failures: list = field(default_factory=list)  # (DocRow, reason), still at the source
+    leftovers: list = field(default_factory=list)  # (DocRow, reason), moved, old copy not deleted
+
+
+def worker_name():
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def read_sources(source, rows):
+    """{content_url: stored bytes or exception} for a batch, in one bulk read."""
+    try:
+        return source.read_many([row.content_url for row in rows])
+    except Exception as exc:  # the whole bulk read failed: every document fails
+        return {row.content_url: exc for row in rows}
+
+
+def prepare_writes(rows, found, dest, dest_store, result):
+    """Decode and check each document, then encode it for the destination."""
+    compress = dest_store.compression_enabled and dest.supports_compression
+    threshold = dest_store.compression_threshold
+    items = []
+    for row in rows:
+        stored = found.get(row.content_url)
+        if stored is None:
+            stored = NotFound(f"no document at {row.content_url}")
+        if isinstance(stored, Exception):
+            result.failures.append((row, f"unreadable at the source: {stored}"))
+            continue
+        try:
+            plain = codec.decode(stored, row.is_compressed, row.digest)
+        except (codec.DigestMismatch, codec.CorruptDocument) as exc:
+            result.failures.append((row, str(exc)))
+            continue
+        encoded = codec.encode(plain, compress, threshold)
+        url = dest.url_for(row.user_id, row.bucket, row.archive_id)
+        items.append((row, WriteItem(url, row.user_id, row.bucket, row.archive_id, encoded)))
+    return items
+
+
+def write_destination(dest, items, result):
+    """Write a batch; the items whose destination copy is confirmed."""
+    try:
+        errors = dest.write_many([item for _, item in items])
+    except Exception as exc:
+        errors = {item.url: exc for _, item in items}
+    written = []
+    for row, item in items:
+        if item.url in errors:
+            result.failures.append((row, f"write refused: {errors[item.url]}"))
+        else:
+            written.append((row, item))
+    return written
+
+
+def commit_metadata(conn, written, result):
+    """Point the metadata rows at their new copies, in one statement."""
+    if not written:
+        return []
+    columns = [
+        list(column)
+        for column in zip(
+            *[
+                (
+                    row.bucket,
+                    row.archive_id,
+                    row.user_id,
+                    row.document_name,
+                    row.content_url,
+                    item.url,
+                    item.stored.is_compressed,
+                    item.stored.digest,
+                    item.stored.size,
+                )
+                for row, item in written
+            ]
+        )
+    ]
+    with conn.transaction():
+        updated = {tuple(key) for key in conn.execute(COMMIT_METADATA, [int(time.time()), *columns])}
+    committed = []
+    for row, item in written:
+        if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated:
+            committed.append((row, item))
+        else:  # someone changed or removed the row meanwhile; leave it as they left it
+            result.failures.append((row, "metadata row changed during the migration; not moved"))
+    return committed
+
+
+def delete_sources(source, committed, result):
+    """Delete the old copies of documents whose metadata now points elsewhere."""
+    urls = [row.content_url for row, _ in committed]
+    try:
+        errors = source.delete_many(urls)
+    except Exception as exc:
+        errors = {url: exc for url in urls}
+    for row, _ in committed:
+        if row.content_url in errors:
+            result.leftovers.append((row, f"moved, but the source copy was not deleted: {errors[row.content_url]}"))
+
+
+def migrate_batch(rows, source, dest, dest_store, conn, delete_source):
+    """Move one batch of documents; what happened to each."""
+    result = BatchResult()
+    found = read_sources(source, rows)
+    items = prepare_writes(rows, found, dest, dest_store, result)
+    del found  # the plain and encoded bytes are all we hold from here on
+    written = write_destination(dest, items, result)
+    committed = commit_metadata(conn, written, result)
+    if delete_source:
+        delete_sources(source, committed, result)
+    result.moved = [row for row, _ in committed]
+    result.bytes = sum(item.stored.size for _, item in committed)
+    return result
+
+
+def shard_batches(conn, where, shard, batch_size):
+    """The shard's documents still at the source, a batch at a time."""
+    after = None
+    while True:
+        query = plan.batch_query(where, shard, after)
+        params = {
+            "bucket": shard.bucket,
+            "user_id": shard.user_id,
+            "lower": shard.lower,
+            "upper": shard.upper,
+            "limit": batch_size,
+        }
+        if after is not None:
+            params["after_id"], params["after_name"] = after
+        rows = [DocRow(*row) for row in conn.execute(query, params)]
+        if not rows:
+            return
+        yield rows
+        after = (rows[-1].archive_id, rows[-1].document_name)
+
+
+def process_shard(spec, shard, source, dest, conn, where, on_batch=None):
+    for rows in shard_batches(conn, where, shard, spec.batch_size):
+        result = migrate_batch(rows, source, dest, spec.dest, conn, spec.delete_source)
+        for row, reason in result.failures:
+            log.error("document %s not moved: %s", row.label, reason)
+        for row, reason in result.leftovers:
+            log.warning("document %s: %s", row.label, reason)
+        progress.record_batch(
+            conn, spec.task_id, shard.shard_no, len(result.moved), result.bytes, result.failures, result.leftovers
+        )
+        if result.moved:
+            tasks.add_migrated(conn, spec.task_id, len(result.moved))
+        if on_batch:
+            on_batch()
+
+
+def worker_main(spec, log_settings):
+    """Entry point of a worker process."""
+    logs.configure(*log_settings)
+    run_worker(spec)
+
+
+def run_worker(spec, on_batch=None):
+    """Claim and process shards of the run until none is pending."""
+    context = DriverContext(spec.db_settings, spec.io_threads, spec.multipart_threshold)
+    source = make_driver(spec.source, context)
+    dest = make_driver(spec.dest, context)
+    where = plan.source_filter(source, dest, spec.buckets)
+    name = worker_name()
+    try:
+        while True:
+            conn = context.db_connection()
+            shard = progress.claim_shard(conn, spec.task_id, name)
+            if shard is None:
+                return
+            try:
+                process_shard(spec, shard, source, dest, conn, where, on_batch)
+            except Exception as exc:
+                log.error("shard %d (%s/%s) stopped: %s", shard.shard_no, shard.user_id, shard.bucket, exc)
+                progress.finish_shard(context.db_connection(), spec.task_id, shard.shard_no, "failed", str(exc)[:1000])
+            else:
+                progress.finish_shard(conn, spec.task_id, shard.shard_no, "done")
+    finally:
+        source.close()
+        dest.close()
+        context.close()

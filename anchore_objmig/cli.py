@@ -72,6 +72,21 @@ def size_bytes(text):
     return value
 
 
+def add_progress_option(parser):
+    parser.add_argument(
+        "--progress", choices=["auto", "bar", "log", "none"], default="auto",
+        help="a live display redrawn in place (bar), a log line every few seconds (log), or nothing; "
+        "auto: bar on a terminal, log otherwise (default)",
+    )
+
+
+def add_metrics_option(parser):
+    parser.add_argument(
+        "--metrics-file", metavar="PATH",
+        help="write Prometheus text-format metrics here at the end, atomically (for node_exporter's textfile collector)",
+    )
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="anchore-objmig",
@@ -148,6 +163,8 @@ def build_parser():
         help="S3 documents larger than this go up in parts of this size (default 8MiB)",
     )
     migrate.add_argument("--show-secrets", action="store_true", help="print secrets in the final configuration section instead of <redacted>")
+    add_progress_option(migrate)
+    add_metrics_option(migrate)
 
     commands.add_parser("list-migrations", help="show the migration history", description="Show every migration task recorded in the database.")
     commands.add_parser("list-drivers", help="show the storage drivers", description="Show the storage drivers this tool can read and write.")
@@ -210,6 +227,8 @@ def dispatch(args):
             join=args.join,
             dry_run=args.dry_run,
             show_secrets=args.show_secrets,
+            progress=args.progress,
+            metrics_file=args.metrics_file,
             log_settings=(log_level(args), args.log_format),
         )
         return migrate.run(options, db_settings(args))

@@ -44,6 +44,8 @@ class MigrateOptions:
     join: bool = False
     dry_run: bool = False
     show_secrets: bool = False
+    progress: str = "auto"  # auto | bar | log | none
+    metrics_file: str | None = None
     log_settings: tuple = ()
 
 

@@ -166,6 +166,23 @@ def build_parser():
     add_progress_option(migrate)
     add_metrics_option(migrate)
 
+    verify = commands.add_parser(
+        "verify",
+        help="read back every document a configuration holds and check it",
+        description="Read every document whose metadata row points into CONFIG's store, check its MD5 "
+        "against the row's digest, its size, and that it decompresses when marked compressed. Read-only: "
+        "nothing is written anywhere. Names every bad document on stderr; exit status 1 if there is one.",
+    )
+    verify.add_argument("config", metavar="CONFIG", help="an Anchore config.yaml")
+    verify.add_argument("--analysis-archive", action="store_true", help="verify the analysis_archive section instead of object_store")
+    verify.add_argument(
+        "--bucket", action="append", type=bucket_name, default=[], metavar="NAME",
+        help="only this logical bucket (repeatable; not an S3 bucket)",
+    )
+    verify.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N", help="worker processes (default: the number of CPUs)")
+    add_progress_option(verify)
+    add_metrics_option(verify)
+
     commands.add_parser("list-migrations", help="show the migration history", description="Show every migration task recorded in the database.")
     commands.add_parser("list-drivers", help="show the storage drivers", description="Show the storage drivers this tool can read and write.")
     return parser
@@ -232,6 +249,19 @@ def dispatch(args):
             log_settings=(log_level(args), args.log_format),
         )
         return migrate.run(options, db_settings(args))
+    if args.command == "verify":
+        from anchore_objmig import verify
+
+        options = verify.VerifyOptions(
+            config=args.config,
+            analysis_archive=args.analysis_archive,
+            buckets=tuple(dict.fromkeys(args.bucket)),
+            workers=args.workers,
+            progress=args.progress,
+            metrics_file=args.metrics_file,
+            log_settings=(log_level(args), args.log_format),
+        )
+        return verify.run(options, db_settings(args))
     raise AssertionError(args.command)
 
 

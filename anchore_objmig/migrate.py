@@ -17,6 +17,7 @@ from anchore_objmig import db, plan, progress, tasks, worker
 from anchore_objmig.config import load_store_config
 from anchore_objmig.drivers import DriverContext, make_driver
 from anchore_objmig.errors import EXIT_FAILED, EXIT_OK, ObjmigError, UsageError
+from anchore_objmig.faults import crash_point
 from anchore_objmig.redaction import redact_section
 
 log = logging.getLogger(__name__)
@@ -125,21 +126,26 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
     describe_store("from", source_store, source, options.show_secrets)
     describe_store("to", dest_store, dest, options.show_secrets)
     confirm(options.ask)
-    close_abandoned_runs(conn)
     source.check_access(write=False)
     dest.check_access(write=True)
+    close_abandoned_runs(conn)
+    finish_pending_deletes(conn, source)
 
     groups = plan.summarize(conn, where)
     shards = plan.cut_shards(conn, where, groups, options.shard_documents, options.shard_bytes)
     total = sum(group.documents for group in groups)
     task_id = tasks.create_task(conn, source.name, dest.name, total)
+    crash_point("after-task")
     progress.create_run(conn, task_id, source.location, dest.location, options.buckets, shards)
+    crash_point("after-plan")
     log.info("migration task %d: %d documents (%s) in %d shards, %d workers",
              task_id, total, human_bytes(sum(g.bytes for g in groups)), len(shards), options.workers)
     started = time.monotonic()
     spec = worker_spec(options, db_settings, source_store, dest_store, task_id)
     run_workers(spec, options.workers, options.log_settings, conn, task_id)
     wait_for_other_hosts(conn, spec, options, task_id)
+    finish_pending_deletes(conn, source)
+    crash_point("before-finish")
     return finish(conn, task_id, dest_store, options, time.monotonic() - started)
 
 
@@ -158,15 +164,34 @@ def worker_spec(options, db_settings, source_store, dest_store, task_id):
 
 
 def close_abandoned_runs(conn):
-    """Runs left 'running' by a process that died: we hold the lock, so they are dead."""
+    """Tasks left 'running' by a migration that died (ours or anchore-manager's):
+    we hold the migration lock, so nothing is running them any more."""
     for run_row in progress.running_runs(conn):
-        tasks.finish_task(conn, run_row.task_id, "failed")
         progress.finish_run(conn, run_row.task_id, "failed")
+    for task_id in tasks.close_running_tasks(conn):
         log.warning(
-            "closed migration task %d as failed: its run stopped before finishing; "
-            "this run moves what it left at the source",
-            run_row.task_id,
+            "closed migration task %d as failed (last_state running): the run that owned it stopped "
+            "before finishing; this run moves what it left at the source",
+            task_id,
         )
+
+
+def finish_pending_deletes(conn, source):
+    """Delete old copies a crashed run meant to delete after its metadata commit."""
+    total = 0
+    while True:
+        urls = progress.pending_deletes(conn, source.location)
+        if not urls:
+            break
+        errors = source.delete_many(urls)
+        done = [url for url in urls if url not in errors]
+        progress.forget_pending_deletes(conn, done)
+        total += len(done)
+        if errors:
+            log.warning("%d old copies could not be deleted yet, e.g. %s", len(errors), next(iter(errors.values())))
+            break
+    if total:
+        log.info("deleted %d old source copies left by an interrupted run", total)
 
 
 def run_workers(spec, count, log_settings, conn, task_id):

@@ -10,6 +10,10 @@ objmig_shards    one row per shard: state pending/running/done/failed, counts
                  Workers claim shards with FOR UPDATE SKIP LOCKED, so any
                  number of processes on any number of hosts can share a run.
 objmig_failures  every document that could not be moved, with the reason.
+objmig_pending_deletes
+                 old copies to delete, written in the same transaction that
+                 points the metadata elsewhere; a crash before the delete
+                 leaves the intent here, and the next run finishes it.
 """
 
 import socket
@@ -45,6 +49,7 @@ CREATE TABLE IF NOT EXISTS objmig_shards (
     worker           text,
     host             text,
     heartbeat        timestamptz,
+    attempts         integer NOT NULL DEFAULT 0,
     error            text,
     PRIMARY KEY (task_id, shard_no)
 );
@@ -59,6 +64,11 @@ CREATE TABLE IF NOT EXISTS objmig_failures (
     at               timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS objmig_failures_task ON objmig_failures (task_id);
+CREATE TABLE IF NOT EXISTS objmig_pending_deletes (
+    url              text PRIMARY KEY,
+    task_id          integer NOT NULL,
+    at               timestamptz NOT NULL DEFAULT now()
+);
 """
 
 # One creator at a time: CREATE TABLE IF NOT EXISTS races with itself.
@@ -143,14 +153,16 @@ def claim_shard(conn, task_id, worker):
     return Shard(*row) if row else None
 
 
-def record_batch(conn, task_id, shard_no, documents, nbytes, failures, leftovers=()):
+def record_batch(conn, task_id, shard_no, documents, nbytes, failures, leftovers=(), deleted=()):
     """Add a finished batch's counts to its shard and store its failures.
 
     `failures` are (DocRow, reason) of documents left at their source;
     `leftovers` (DocRow, reason) of documents moved whose old copy could not
-    be deleted.
+    be deleted; `deleted` the old URLs now gone, whose pending deletes are done.
     """
     with conn.transaction():
+        if deleted:
+            conn.execute("DELETE FROM objmig_pending_deletes WHERE url = ANY(%s::text[])", (list(deleted),))
         conn.execute(
             """UPDATE objmig_shards SET documents_done = documents_done + %s, bytes_done = bytes_done + %s,
                       documents_failed = documents_failed + %s, heartbeat = now()
@@ -169,6 +181,46 @@ def record_batch(conn, task_id, shard_no, documents, nbytes, failures, leftovers
                         for row, error, kind in rows
                     ],
                 )
+
+
+def note_pending_deletes(conn, task_id, urls):
+    """Inside the metadata commit's transaction: these old copies are to go."""
+    conn.execute(
+        """INSERT INTO objmig_pending_deletes (url, task_id) SELECT u, %s FROM unnest(%s::text[]) AS u
+           ON CONFLICT (url) DO UPDATE SET task_id = EXCLUDED.task_id, at = now()""",
+        (task_id, list(urls)),
+    )
+
+
+def pending_deletes(conn, location, limit=1000):
+    """Old copies under `location` still to delete, that no metadata row points at."""
+    return [
+        row[0]
+        for row in conn.execute(
+            """SELECT p.url FROM objmig_pending_deletes p
+               WHERE starts_with(p.url, %s)
+                 AND NOT EXISTS (SELECT 1 FROM archive_metadata m WHERE m.content_url = p.url)
+               ORDER BY p.url LIMIT %s""",
+            (location, limit),
+        )
+    ]
+
+
+def forget_pending_deletes(conn, urls):
+    conn.execute("DELETE FROM objmig_pending_deletes WHERE url = ANY(%s::text[])", (list(urls),))
+
+
+def give_back_shard(conn, task_id, shard_no, max_attempts, error):
+    """A worker lost its way (e.g. its connection): the shard goes back to
+    pending for another try, or fails after `max_attempts`."""
+    row = conn.execute(
+        """UPDATE objmig_shards
+           SET attempts = attempts + 1, worker = NULL, error = %s,
+               state = CASE WHEN attempts + 1 >= %s THEN 'failed' ELSE 'pending' END
+           WHERE task_id = %s AND shard_no = %s RETURNING state""",
+        (error, max_attempts, task_id, shard_no),
+    ).fetchone()
+    return row[0] if row else None
 
 
 def finish_shard(conn, task_id, shard_no, state, error=None):

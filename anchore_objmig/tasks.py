@@ -68,6 +68,16 @@ def finish_task(conn, task_id, state):
     )
 
 
+def close_running_tasks(conn):
+    """Close every migration task still marked running; their ids."""
+    rows = conn.execute(
+        f"""UPDATE tasks SET last_state = state, state = 'failed', ended_at = {UTC_NOW}, last_updated = {UTC_NOW}
+            WHERE type = %s AND state = 'running' RETURNING id""",
+        (TASK_TYPE,),
+    ).fetchall()
+    return sorted(row[0] for row in rows)
+
+
 def task_state(conn, task_id):
     row = conn.execute("SELECT state::text FROM tasks WHERE id = %s", (task_id,)).fetchone()
     return row[0] if row else None

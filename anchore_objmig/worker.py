@@ -14,11 +14,16 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+import psycopg
+
 from anchore_objmig import codec, logs, plan, progress, tasks
+from anchore_objmig.faults import crash_point
 from anchore_objmig.db import DbSettings
 from anchore_objmig.drivers import DocRow, DriverContext, NotFound, WriteItem, make_driver
 
 log = logging.getLogger(__name__)
+
+MAX_SHARD_ATTEMPTS = 3  # a shard whose worker lost its connection this often fails
 
 COMMIT_METADATA = """
 UPDATE archive_metadata m
@@ -53,6 +58,7 @@ class BatchResult:
     bytes: int = 0  # stored bytes written
     failures: list = field(default_factory=list)  # (DocRow, reason), still at the source
     leftovers: list = field(default_factory=list)  # (DocRow, reason), moved, old copy not deleted
+    deleted: list = field(default_factory=list)  # old URLs deleted
 
 
 def worker_name():
@@ -105,8 +111,9 @@ def write_destination(dest, items, result):
     return written
 
 
-def commit_metadata(conn, written, result):
-    """Point the metadata rows at their new copies, in one statement."""
+def commit_metadata(conn, written, result, task_id, delete_source):
+    """Point the metadata rows at their new copies, in one statement; in the
+    same transaction, note the old copies to delete (see progress.py)."""
     if not written:
         return []
     columns = [
@@ -130,6 +137,11 @@ def commit_metadata(conn, written, result):
     ]
     with conn.transaction():
         updated = {tuple(key) for key in conn.execute(COMMIT_METADATA, [int(time.time()), *columns])}
+        if delete_source:
+            progress.note_pending_deletes(
+                conn, task_id, [row.content_url for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]
+            )
+        crash_point("before-commit")
     committed = []
     for row, item in written:
         if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated:
@@ -149,18 +161,24 @@ def delete_sources(source, committed, result):
     for row, _ in committed:
         if row.content_url in errors:
             result.leftovers.append((row, f"moved, but the source copy was not deleted: {errors[row.content_url]}"))
+        else:
+            result.deleted.append(row.content_url)
 
 
-def migrate_batch(rows, source, dest, dest_store, conn, delete_source):
+def migrate_batch(rows, source, dest, dest_store, conn, delete_source, task_id):
     """Move one batch of documents; what happened to each."""
     result = BatchResult()
     found = read_sources(source, rows)
+    crash_point("after-read")
     items = prepare_writes(rows, found, dest, dest_store, result)
     del found  # the plain and encoded bytes are all we hold from here on
     written = write_destination(dest, items, result)
-    committed = commit_metadata(conn, written, result)
+    crash_point("after-write")
+    committed = commit_metadata(conn, written, result, task_id, delete_source)
+    crash_point("after-commit")
     if delete_source:
         delete_sources(source, committed, result)
+        crash_point("after-delete")
     result.moved = [row for row, _ in committed]
     result.bytes = sum(item.stored.size for _, item in committed)
     return result
@@ -189,16 +207,18 @@ def shard_batches(conn, where, shard, batch_size):
 
 def process_shard(spec, shard, source, dest, conn, where, on_batch=None):
     for rows in shard_batches(conn, where, shard, spec.batch_size):
-        result = migrate_batch(rows, source, dest, spec.dest, conn, spec.delete_source)
+        result = migrate_batch(rows, source, dest, spec.dest, conn, spec.delete_source, spec.task_id)
         for row, reason in result.failures:
             log.error("document %s not moved: %s", row.label, reason)
         for row, reason in result.leftovers:
             log.warning("document %s: %s", row.label, reason)
         progress.record_batch(
-            conn, spec.task_id, shard.shard_no, len(result.moved), result.bytes, result.failures, result.leftovers
+            conn, spec.task_id, shard.shard_no, len(result.moved), result.bytes, result.failures, result.leftovers,
+            result.deleted,
         )
         if result.moved:
             tasks.add_migrated(conn, spec.task_id, len(result.moved))
+        crash_point("after-record")
         if on_batch:
             on_batch()
 
@@ -222,8 +242,19 @@ def run_worker(spec, on_batch=None):
             shard = progress.claim_shard(conn, spec.task_id, name)
             if shard is None:
                 return
+            crash_point("after-claim")
             try:
                 process_shard(spec, shard, source, dest, conn, where, on_batch)
+            except psycopg.OperationalError as exc:
+                # The connection dropped (server restart, pg_terminate_backend, network):
+                # everything committed so far is consistent; give the shard back.
+                log.warning("shard %d: database connection lost (%s); giving the shard back", shard.shard_no,
+                            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                state = progress.give_back_shard(
+                    context.db_connection(), spec.task_id, shard.shard_no, MAX_SHARD_ATTEMPTS, str(exc)[:1000]
+                )
+                if state == "failed":
+                    log.error("shard %d failed after %d attempts", shard.shard_no, MAX_SHARD_ATTEMPTS)
             except Exception as exc:
                 log.error("shard %d (%s/%s) stopped: %s", shard.shard_no, shard.user_id, shard.bucket, exc)
                 progress.finish_shard(context.db_connection(), spec.task_id, shard.shard_no, "failed", str(exc)[:1000])

@@ -148,8 +148,9 @@ class Cli:
         command += [str(arg) for arg in args]
         environment = {k: v for k, v in os.environ.items() if not k.startswith("ANCHORE")}
         environment.update(env or {})
+        # A session of its own: crash tests kill the tool's whole process group.
         return subprocess.run(command, input=input if input is not None else "", capture_output=True,
-                              text=True, env=environment, timeout=timeout, cwd=ROOT)
+                              text=True, env=environment, timeout=timeout, cwd=ROOT, start_new_session=True)
 
 
 @pytest.fixture

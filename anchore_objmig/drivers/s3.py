@@ -16,6 +16,7 @@ from botocore.config import Config
 from anchore_objmig import codec
 from anchore_objmig.drivers.base import Driver, NotFound
 from anchore_objmig.errors import ObjmigError, StorageError, UsageError
+from anchore_objmig.faults import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,7 @@ class S3Driver(Driver):
                 self.put_multipart(bucket, key, item.stored.data)
             else:
                 self.put(key, item.stored.data, item.stored.md5, bucket)
+            crash_point("s3-put")
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, StorageError) as exc:
             return StorageError(f"cannot write {item.url}: {describe_error(exc)}")
         return None
@@ -227,6 +229,7 @@ class S3Driver(Driver):
                     ContentMD5=codec.content_md5_header(codec.md5_of(chunk).digest()),
                 )
                 parts.append({"ETag": answer["ETag"], "PartNumber": number})
+                crash_point("s3-part")
             self.client.complete_multipart_upload(
                 Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )

@@ -1,0 +1,211 @@
+"""Prometheus metrics for node_exporter's textfile collector.
+
+A run ends by writing its figures in the text exposition format, atomically:
+the collector may read the file at any instant, so it must only ever see a
+whole old file or a whole new one (temp file in the same directory, fsync,
+rename). One file can serve both commands: each sample carries a
+command="migrate"|"verify" label and a run replaces only its own command's
+samples, keeping the other's.
+
+Every metric is a gauge describing the *last* run, the `_total` ones too:
+the next run may well move fewer documents, so they are not counters.
+"""
+
+import contextlib
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from anchore_objmig.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "anchore_objmig_"
+MIGRATE, VERIFY = "migrate", "verify"
+# name: HELP text. Written in this order, each family once with HELP and TYPE.
+FAMILIES = {
+    PREFIX + "documents_migrated_total": "Documents moved by the last migrate run.",
+    PREFIX + "bytes_migrated_total": "Stored bytes written by the last migrate run.",
+    PREFIX + "documents_failed_total": "Documents the last migrate run could not move.",
+    PREFIX + "documents_verified_total": "Documents the last verify run read back and checked.",
+    PREFIX + "documents_bad_total": "Documents the last verify run found missing, corrupt or not matching their metadata.",
+    PREFIX + "duration_seconds": "Wall-clock duration of the last run.",
+    PREFIX + "last_run_timestamp_seconds": "Unix time the last run ended, successful or not.",
+    PREFIX + "last_success_timestamp_seconds": "Unix time the last fully successful run ended.",
+}
+LAST_SUCCESS = PREFIX + "last_success_timestamp_seconds"
+SAMPLE_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
+LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    labels: tuple  # ((name, value), ...)
+    value: float
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run reports; `documents`/`failed` are moved/failed for
+    migrate and checked/bad for verify."""
+
+    command: str
+    success: bool
+    duration_seconds: float
+    documents: int
+    failed: int
+    bytes: int = 0
+    finished_at: float = field(default_factory=time.time)
+
+
+def samples_for(result, previous=()):
+    """The samples of one run; the last success time comes from `previous`
+    samples when this run did not succeed."""
+    labels = (("command", result.command),)
+    counts = {
+        MIGRATE: {"documents_migrated_total": result.documents, "bytes_migrated_total": result.bytes,
+                  "documents_failed_total": result.failed},
+        VERIFY: {"documents_verified_total": result.documents, "documents_bad_total": result.failed},
+    }[result.command]
+    samples = [Sample(PREFIX + name, labels, value) for name, value in counts.items()]
+    samples.append(Sample(PREFIX + "duration_seconds", labels, round(result.duration_seconds, 3)))
+    samples.append(Sample(PREFIX + "last_run_timestamp_seconds", labels, round(result.finished_at, 3)))
+    if result.success:
+        samples.append(Sample(LAST_SUCCESS, labels, round(result.finished_at, 3)))
+    else:
+        samples += [s for s in previous if s.name == LAST_SUCCESS and s.labels == labels]
+    return samples
+
+
+def record(path, result):
+    """Write `result` into the metrics file at `path` (if any), keeping the
+    other command's samples. False, after logging why, if it cannot."""
+    if not path:
+        return True
+    previous = read_samples(path)
+    others = [s for s in previous if dict(s.labels).get("command") != result.command]
+    try:
+        write_metrics(path, others + samples_for(result, previous))
+    except OSError as exc:
+        log.error("cannot write the metrics file %s: %s", path, exc.strerror or exc)
+        return False
+    return True
+
+
+def check_path(path):
+    """Refuse, before any work, a metrics path we could not write at the end."""
+    if not path:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"--metrics-file {path}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"--metrics-file {path}: is a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"--metrics-file {path}: directory {directory} is not writable")
+
+
+def write_metrics(path, samples):
+    """Replace the file at `path` with `samples`, atomically, mode 0644."""
+    text = render(samples)
+    directory = os.path.dirname(os.path.abspath(path))
+    # A dot name without .prom: the textfile collector never reads the temp file.
+    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fchmod(handle.fileno(), 0o644)  # mkstemp makes it 0600; the collector runs as another user
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    sync_directory(directory)
+
+
+def sync_directory(directory):
+    """Make the rename itself durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def render(samples):
+    by_family = {}
+    for sample in samples:
+        if sample.name not in FAMILIES:
+            raise ValueError(f"unknown metric {sample.name}")
+        by_family.setdefault(sample.name, {})[sample.labels] = sample  # last one wins
+    lines = []
+    for name, help_text in FAMILIES.items():
+        if name not in by_family:
+            continue
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        for labels, sample in sorted(by_family[name].items()):
+            lines.append(f"{name}{format_labels(labels)} {format_value(sample.value)}")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def format_labels(labels):
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{key}="{escape(value)}"' for key, value in labels) + "}"
+
+
+def escape(value):
+    """Label value escaping of the text format: backslash, quote, newline."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def format_value(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"metric value must be a number, got {value!r}")
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def read_samples(path):
+    """Our samples from an existing metrics file; [] if there is none or it is
+    not ours (a broken file must not stop the run from writing a good one)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (FileNotFoundError, IsADirectoryError):
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("ignoring the unreadable metrics file %s: %s", path, exc)
+        return []
+    samples = []
+    for line in text.splitlines():
+        match = SAMPLE_LINE.match(line)
+        if line.startswith("#") or not match or match.group(1) not in FAMILIES:
+            continue
+        labels = tuple((key, unescape(value)) for key, value in LABEL_PAIR.findall(match.group(2) or ""))
+        try:
+            samples.append(Sample(match.group(1), labels, parse_number(match.group(3))))
+        except ValueError:
+            continue
+    return samples
+
+
+def parse_number(text):
+    number = float(text)
+    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
+
+
+def unescape(value):
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)

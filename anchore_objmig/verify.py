@@ -1,0 +1,363 @@
+"""The `verify` command: read back every document a configuration holds.
+
+Every archive_metadata row whose content_url lies in the configured location
+(driver, and S3 bucket and prefix or localfs directory) is read from its
+backend and checked as Anchore checks it: MD5 of the stored bytes against
+`digest`, their length against `size`, and zlib decompression when
+`is_compressed`. The work is cut into shards as a migration's is and spread
+over worker processes, but nothing is written anywhere: no task rows, no
+tool tables; every database session is read-only, so the server itself
+refuses a write.
+
+A document that looks bad is looked up again before it is named: Anchore
+may be running and may have rewritten or removed it meanwhile.
+"""
+
+import logging
+import multiprocessing
+import queue
+import time
+from dataclasses import dataclass, field
+
+from psycopg import sql
+
+from anchore_objmig import codec, db, logs, metrics, plan
+from anchore_objmig.config import load_store_config
+from anchore_objmig.display import ProgressDisplay, decimal_bytes
+from anchore_objmig.drivers import DocRow, DriverContext, NotFound, make_driver
+from anchore_objmig.errors import EXIT_FAILED, EXIT_OK
+from anchore_objmig.progress import Totals
+
+log = logging.getLogger(__name__)
+
+CURRENT_ROWS = """
+SELECT m.bucket, m."archiveId", m."userId", m."documentName", m.content_url, m.is_compressed, m.digest, m.size
+  FROM archive_metadata m
+  JOIN unnest(%s::text[], %s::text[], %s::text[], %s::text[]) AS k(bucket, archive_id, user_id, document_name)
+    ON m.bucket = k.bucket AND m."archiveId" = k.archive_id AND m."userId" = k.user_id
+   AND m."documentName" = k.document_name
+ WHERE {}
+"""
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    config: str
+    analysis_archive: bool = False
+    buckets: tuple = ()
+    workers: int = 1
+    batch_size: int = 500
+    io_threads: int = 8
+    progress: str = "auto"
+    metrics_file: str | None = None
+    log_settings: tuple = ()
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    """What a worker process needs; picklable."""
+
+    db_settings: object
+    store: object  # StoreConfig
+    buckets: tuple
+    batch_size: int
+    io_threads: int
+
+
+@dataclass
+class BatchReport:
+    good: int = 0
+    bytes: int = 0  # stored bytes of the good documents
+    bad: list = field(default_factory=list)  # (label, url, reason)
+    changed: int = 0  # rewritten or removed while we read them: not judged
+    no_digest: int = 0  # rows without a digest: only size and zlib checked
+
+
+class ReadOnlyContext(DriverContext):
+    """Driver context whose database sessions refuse every write."""
+
+    def db_connection(self):
+        fresh = self._connection is None or self._connection.closed
+        conn = super().db_connection()
+        if fresh:
+            conn.execute("SET default_transaction_read_only = on")
+        return conn
+
+
+def location_filter(driver, buckets):
+    """WHERE condition (alias m) for the documents stored in `driver`'s location."""
+    parts = [sql.SQL("starts_with(m.content_url, {})").format(sql.Literal(driver.location))]
+    if buckets:
+        parts.append(sql.SQL("m.bucket = ANY({})").format(sql.Literal(list(buckets))))
+    return sql.SQL(" AND ").join(parts)
+
+
+class Verifier:
+    """One process's driver, read-only connection and selection."""
+
+    def __init__(self, spec):
+        self.context = ReadOnlyContext(spec.db_settings, spec.io_threads)
+        self.driver = make_driver(spec.store, self.context)
+        self.where = location_filter(self.driver, spec.buckets)
+        self.batch_size = spec.batch_size
+
+    def close(self):
+        self.driver.close()
+        self.context.close()
+
+    def batches(self, shard):
+        """The shard's rows, a batch at a time, in key order (keyset paging)."""
+        after = None
+        while True:
+            params = {"bucket": shard.bucket, "user_id": shard.user_id, "lower": shard.lower,
+                      "upper": shard.upper, "limit": self.batch_size}
+            if after is not None:
+                params["after_id"], params["after_name"] = after
+            conn = self.context.db_connection()
+            rows = [DocRow(*row) for row in conn.execute(plan.batch_query(self.where, shard, after), params)]
+            if not rows:
+                return
+            yield rows
+            after = (rows[-1].archive_id, rows[-1].document_name)
+
+    def check_batch(self, rows):
+        report = BatchReport()
+        suspects = self.judge(rows, report)
+        if not suspects:
+            return report
+        current = self.current_rows([row for row, _ in suspects])
+        again = []
+        for row, reason in suspects:
+            now = current.get(key_of(row))
+            if now == row:
+                report.bad.append((row.label, row.content_url, reason))
+            elif now is None:  # removed, or moved out of this location
+                report.changed += 1
+            else:
+                again.append(now)
+        for row, reason in self.judge(again, report):
+            report.bad.append((row.label, row.content_url, reason))
+        return report
+
+    def judge(self, rows, report):
+        """Count the good documents into `report`; the others as (row, reason)."""
+        if not rows:
+            return []
+        try:
+            found = self.driver.read_many([row.content_url for row in rows])
+        except Exception as exc:  # the bulk read failed as a whole
+            found = {row.content_url: exc for row in rows}
+        suspects = []
+        for row in rows:
+            reason = problem(row, found.get(row.content_url))
+            if reason:
+                suspects.append((row, reason))
+            else:
+                report.good += 1
+                report.bytes += row.size or 0
+                report.no_digest += not row.digest
+        return suspects
+
+    def current_rows(self, rows):
+        columns = [list(column) for column in zip(*[key_of(row) for row in rows])]
+        query = sql.SQL(CURRENT_ROWS).format(self.where)
+        found = self.context.db_connection().execute(query, columns)
+        return {key_of(row): row for row in (DocRow(*values) for values in found)}
+
+
+def key_of(row):
+    return (row.bucket, row.archive_id, row.user_id, row.document_name)
+
+
+def problem(row, stored):
+    """Why the stored bytes do not serve this row, or None if they do."""
+    if stored is None or isinstance(stored, NotFound):
+        return "not found"
+    if isinstance(stored, Exception):
+        return f"unreadable: {stored}"
+    reasons = []
+    if row.size is not None and len(stored) != row.size:
+        reasons.append(f"size mismatch: metadata says {row.size} bytes, {len(stored)} stored")
+    try:
+        codec.decode(stored, row.is_compressed, row.digest)
+    except (codec.DigestMismatch, codec.CorruptDocument) as exc:
+        reasons.append(str(exc))
+    return "; ".join(reasons) or None
+
+
+def shard_events(verifier, shard):
+    """What checking one shard reports, as events for the parent."""
+    yield ("start", shard.shard_no)
+    try:
+        for rows in verifier.batches(shard):
+            yield ("batch", verifier.check_batch(rows))
+    except Exception as exc:  # this shard is unverified; the others go on
+        yield ("failed", shard, first_line(exc))
+    else:
+        yield ("done", shard.shard_no)
+
+
+def first_line(exc):
+    text = str(exc).strip()
+    return db.redacted(text.splitlines()[0]) if text else type(exc).__name__
+
+
+def worker_main(spec, log_settings, todo, events):
+    """Entry point of a worker process: shards from `todo` until a None."""
+    logs.configure(*log_settings)
+    try:
+        verifier = Verifier(spec)
+        try:
+            for shard in iter(todo.get, None):
+                for event in shard_events(verifier, shard):
+                    events.put(event)
+        finally:
+            verifier.close()
+    except KeyboardInterrupt:
+        pass  # the parent was interrupted too and says so
+    except Exception as exc:
+        log.error("verify worker stopped: %s", first_line(exc))
+    finally:
+        events.put(("exit",))
+
+
+def run_parallel(spec, shards, workers, log_settings, handle):
+    """Spread the shards over worker processes; feed their events to `handle`."""
+    spawn = multiprocessing.get_context("spawn")  # no inherited sockets or locks
+    todo, events = spawn.Queue(), spawn.Queue()
+    for shard in shards:
+        todo.put(shard)
+    for _ in range(workers):
+        todo.put(None)
+    processes = [spawn.Process(target=worker_main, args=(spec, log_settings, todo, events),
+                               name=f"objmig-verify-{n}") for n in range(workers)]
+    for process in processes:
+        process.start()
+    try:
+        exited = 0
+        while exited < len(processes):
+            try:
+                event = events.get(timeout=0.5)
+            except queue.Empty:
+                if not any(process.is_alive() for process in processes):
+                    break  # some died without a word; their shards stay unverified
+                continue
+            if event[0] == "exit":
+                exited += 1
+            else:
+                handle(event)
+    except BaseException:
+        for process in processes:
+            process.terminate()
+        raise
+    finally:
+        todo.cancel_join_thread()  # shards nobody took must not hold up our exit
+        for process in processes:
+            process.join()
+
+
+def run_here(spec, shards, handle):
+    verifier = Verifier(spec)
+    try:
+        for shard in shards:
+            for event in shard_events(verifier, shard):
+                handle(event)
+    finally:
+        verifier.close()
+
+
+class Tally:
+    """The parent's running account; names every bad document as it arrives."""
+
+    def __init__(self, groups, shards, display):
+        self.shards, self.display = shards, display
+        self.documents = sum(group.documents for group in groups)
+        self.bytes = sum(group.bytes for group in groups)
+        self.report = BatchReport()
+        self.done, self.failed = set(), {}
+
+    def handle(self, event):
+        kind = event[0]
+        if kind == "batch":
+            self.add(event[1])
+        elif kind == "done":
+            self.done.add(event[1])
+        elif kind == "failed":
+            shard, reason = event[1], event[2]
+            self.failed[shard.shard_no] = reason
+            log.error("shard %d (%s/%s) could not be verified: %s", shard.shard_no, shard.user_id, shard.bucket, reason)
+        self.display.update(self.totals())
+
+    def add(self, batch):
+        total = self.report
+        total.good += batch.good
+        total.bytes += batch.bytes
+        total.changed += batch.changed
+        total.no_digest += batch.no_digest
+        total.bad += batch.bad
+        for label, url, reason in batch.bad:
+            user_id, bucket, archive_id = label.split("/", 2)
+            log.error("BAD %s (%s): %s", label, url, reason,
+                      extra={"user_id": user_id, "bucket": bucket, "archive_id": archive_id,
+                             "content_url": url, "reason": reason})
+
+    def unfinished(self):
+        return [s for s in self.shards if s.shard_no not in self.done]
+
+    def totals(self):
+        return Totals(documents=self.documents, bytes=self.bytes, documents_done=self.report.good,
+                      bytes_done=self.report.bytes, documents_failed=len(self.report.bad),
+                      shards=len(self.shards), shards_done=len(self.done), shards_failed=len(self.failed))
+
+
+def run(options, db_settings):
+    store = load_store_config(options.config, options.analysis_archive)
+    metrics.check_path(options.metrics_file)
+    spec = VerifySpec(db_settings, store, tuple(options.buckets), options.batch_size, options.io_threads)
+    context = ReadOnlyContext(db_settings, options.io_threads)
+    driver = make_driver(store, context)
+    try:
+        conn = context.db_connection()
+        db.require_anchore_tables(conn)
+        driver.check_access(write=False)
+        where = location_filter(driver, spec.buckets)
+        groups = plan.summarize(conn, where)
+        shards = plan.cut_shards(conn, where, groups)
+        workers = min(options.workers, len(shards))
+        log.info("verifying %d documents at %s (%s) in %d shards, %d workers",
+                 sum(g.documents for g in groups), driver.describe(), store.key, len(shards), max(workers, 1))
+        started = time.monotonic()
+        tally = Tally(groups, shards, ProgressDisplay(options.progress))
+        if workers > 1:
+            run_parallel(spec, shards, workers, options.log_settings, tally.handle)
+        else:
+            run_here(spec, shards, tally.handle)
+        tally.display.close(tally.totals())
+        return finish(tally, driver, options, time.monotonic() - started)
+    finally:
+        driver.close()
+        context.close()
+
+
+def finish(tally, driver, options, seconds):
+    """Say what was read and what was wrong; the exit status follows."""
+    report, unfinished = tally.report, tally.unfinished()
+    bad = len(report.bad)
+    checked = report.good + bad
+    print(f"verified {checked} documents ({decimal_bytes(report.bytes)} good) at {driver.describe()}: "
+          f"{report.good} good, {bad} bad")
+    if report.changed:
+        print(f"{report.changed} documents changed or were removed while being read and were not judged")
+    if report.no_digest:
+        print(f"{report.no_digest} documents have no digest: only their size and compression were checked")
+    for shard in unfinished:
+        if shard.shard_no not in tally.failed:
+            log.error("shard %d (%s/%s) was not verified: its worker stopped", shard.shard_no, shard.user_id, shard.bucket)
+    if unfinished:
+        print(f"{len(unfinished)} shards could not be verified (named on stderr)")
+    success = not bad and not unfinished
+    recorded = metrics.record(options.metrics_file, metrics.RunResult(
+        command=metrics.VERIFY, success=success, duration_seconds=seconds, documents=checked, failed=bad))
+    if bad:
+        log.error("%d documents are bad (named above): Anchore cannot read them as they are", bad)
+    return EXIT_OK if success and recorded else EXIT_FAILED

@@ -122,11 +122,12 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
             "another migration is running: it holds the migration lock pg_advisory_lock(2, 1) "
             "(use --join to help a running anchore-objmig migration of the same locations)"
         )
+    source.check_access(write=False)
+    dest.check_access(write=True, create=False)  # fail before asking, change nothing yet
     progress.ensure_schema(conn)
     describe_store("from", source_store, source, options.show_secrets)
     describe_store("to", dest_store, dest, options.show_secrets)
     confirm(options.ask)
-    source.check_access(write=False)
     dest.check_access(write=True)
     close_abandoned_runs(conn)
     finish_pending_deletes(conn, source)

@@ -88,8 +88,9 @@ class Driver:
         """The location for messages; never holds a secret."""
         return self.location
 
-    def check_access(self, write):
-        """Fail early if the backend cannot be reached (or written, if `write`)."""
+    def check_access(self, write, create=True):
+        """Fail early if the backend cannot be reached (or written, if `write`);
+        create what the config says may be created only if `create`."""
 
     def read_many(self, urls):
         """{url: stored bytes or the exception that stopped its read}."""

@@ -31,9 +31,11 @@ class LocalFsDriver(Driver):
     def url_base(self):
         return f"file://{self.directory.rstrip('/')}/"
 
-    def check_access(self, write):
-        if write:
+    def check_access(self, write, create=True):
+        if write and create:
             os.makedirs(self.directory, exist_ok=True)
+        if write and not create and not os.path.isdir(self.directory):
+            return  # made once the operator confirms
         if not os.path.isdir(self.directory):
             raise StorageError(f"localfs archive_data_dir {self.directory} does not exist")
         if write and not os.access(self.directory, os.W_OK | os.X_OK):

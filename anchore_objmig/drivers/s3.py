@@ -113,15 +113,17 @@ class S3Driver(Driver):
         return self.pool
 
     # -- start-up checks -------------------------------------------------
-    def check_access(self, write):
-        """Check the bucket exists (creating it if configured) and, for a
-        destination, that we may write under the prefix."""
+    def check_access(self, write, create=True):
+        """Check the bucket exists (creating it if configured and `create`) and,
+        for a destination, that we may write under the prefix."""
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except botocore.exceptions.ClientError as exc:
             code = error_code(exc)
             if code in MISSING_BUCKET:
-                if write and self.store.driver_config.get("create_bucket") in (True, "true", "True", "yes"):
+                if write and truthy(self.store.driver_config.get("create_bucket")):
+                    if not create:
+                        return  # it will be created once the operator confirms
                     self.create_bucket()
                 else:
                     raise UsageError(
@@ -295,7 +297,8 @@ def make_client(config, io_threads):
         # boto3 >= 1.36 defaults to CRC checksums that MinIO and Ceph reject.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        retries={"mode": "standard", "max_attempts": int(config.get("max_attempts", 5))},
+        # total_max_attempts counts the first try too; botocore backs off exponentially with jitter.
+        retries={"mode": "standard", "total_max_attempts": int(config.get("max_attempts", 5))},
         max_pool_connections=max(10, io_threads * 2),
         connect_timeout=float(config.get("connect_timeout", 10)),
         read_timeout=float(config.get("read_timeout", 120)),

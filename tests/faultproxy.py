@@ -1,0 +1,133 @@
+"""An HTTP proxy that injects S3 faults between the tool and a real S3 server.
+
+The tool is pointed at the proxy's URL; the proxy forwards each request
+unchanged (Host header included, so SigV4 signatures stay valid) unless a
+rule matches it, in which case it answers 503 SlowDown or 500, resets the
+connection, or delays before forwarding. Rules fire a bounded number of times.
+"""
+
+import http.client
+import re
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+ERROR_BODY = (
+    '<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+    "<Message>injected by the test fault proxy</Message></Error>"
+)
+
+
+@dataclass
+class Rule:
+    action: str  # "503" | "500" | "reset" | "delay"
+    method: str | None = None  # e.g. "PUT"; None: any
+    path: str | None = None  # regex searched in the request path (with query)
+    times: int | None = 1  # how often it fires; None: always
+    delay: float = 0.0  # seconds, for "delay"
+    fired: int = 0
+
+    def matches(self, method, path):
+        if self.times is not None and self.fired >= self.times:
+            return False
+        if self.method and self.method != method:
+            return False
+        return not self.path or re.search(self.path, path) is not None
+
+
+class FaultProxy:
+    def __init__(self, upstream):
+        parts = urlsplit(upstream)
+        self.upstream_host, self.upstream_port = parts.hostname, parts.port
+        self.rules = []
+        self.lock = threading.Lock()
+        self.requests = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def handle_any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                rule = proxy.match(self.command, self.path)
+                if rule and rule.action == "reset":
+                    # RST instead of FIN: what a dying load balancer does.
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
+                    return
+                if rule and rule.action in ("503", "500"):
+                    code = "SlowDown" if rule.action == "503" else "InternalError"
+                    self.reply(int(rule.action), {"Content-Type": "application/xml"}, ERROR_BODY.format(code=code).encode())
+                    return
+                if rule and rule.action == "delay":
+                    time.sleep(rule.delay)
+                self.forward(body)
+
+            def forward(self, body):
+                upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                    upstream.request(self.command, self.path, body=body or None, headers=headers)
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                    headers = {k: v for k, v in answer.getheaders()
+                               if k.lower() not in ("transfer-encoding", "connection", "content-length")}
+                    self.reply(answer.status, headers, data, head=self.command == "HEAD",
+                               length=answer.getheader("Content-Length"))
+                finally:
+                    upstream.close()
+
+            def reply(self, status, headers, data, head=False, length=None):
+                try:
+                    self.send_response(status)
+                    for key, value in headers.items():
+                        self.send_header(key, value)
+                    self.send_header("Content-Length", str(length if head and length else len(data)))
+                    self.end_headers()
+                    if not head:
+                        self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def add(self, *rules):
+        with self.lock:
+            self.rules.extend(rules)
+
+    def match(self, method, path):
+        with self.lock:
+            self.requests += 1
+            for rule in self.rules:
+                if rule.matches(method, path):
+                    rule.fired += 1
+                    return rule
+        return None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

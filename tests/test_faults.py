@@ -1,0 +1,133 @@
+"""S3 and database faults: retried when passing, named and left at the source when not."""
+
+import threading
+import time
+
+import psycopg
+
+import anchore_sim
+from faultproxy import FaultProxy, Rule
+from helpers import assert_all_readable, section, task_rows, urls, write_config
+
+
+def through_proxy(s3, proxy, bucket, **extra):
+    config = s3.driver_config(bucket, **extra)
+    config["url"] = proxy.endpoint
+    return config
+
+
+def test_transient_s3_faults_are_retried(db, s3, cli, tmp_path):
+    docs = anchore_sim.make_docs(40, seed=21)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
+        documents = r"/(admin|acme)/"  # document keys, not the start-up probe
+        proxy.add(Rule("503", method="PUT", path=documents, times=3), Rule("500", method="PUT", path=documents, times=2),
+                  Rule("reset", method="PUT", path=documents, times=2), Rule("503", method="POST", path=r"\?delete", times=1))
+        source = write_config(tmp_path / "a.yaml", section("db"))
+        dest = write_config(tmp_path / "b.yaml", section("s3", through_proxy(s3, proxy, bucket)))
+        result = cli("migrate", source, dest, "--dontask", "--workers", "1")
+        assert result.returncode == 0, result.stderr
+        assert [rule.fired for rule in proxy.rules] == [3, 2, 2, 0]  # every PUT fault was injected
+        back = cli("migrate", dest, source, "--dontask", "--workers", "1")
+        assert back.returncode == 0, back.stderr
+        assert proxy.rules[3].fired == 1  # and the DeleteObjects one on the way back
+    assert_all_readable(db, s3.client, docs)
+    assert s3.keys(bucket) == []
+
+
+def test_read_timeout_is_retried(db, seaweed, cli, tmp_path):
+    bucket = seaweed.new_bucket()
+    docs = anchore_sim.make_docs(10, seed=22)
+    anchore_sim.store(db, seaweed.location(bucket), docs)
+    with FaultProxy(seaweed.endpoint) as proxy:
+        proxy.add(Rule("delay", method="GET", path=docs[0].archive_id.split(":")[1], delay=3, times=1))
+        source = write_config(tmp_path / "a.yaml", section("s3", through_proxy(seaweed, proxy, bucket, read_timeout=1)))
+        dest = write_config(tmp_path / "b.yaml", section("db"))
+        result = cli("migrate", source, dest, "--dontask", "--workers", "1")
+        assert result.returncode == 0, result.stderr
+        assert proxy.rules[0].fired == 1
+    assert_all_readable(db, seaweed.client, docs)
+    assert all(url.startswith("db://") for url in urls(db))
+
+
+def test_persistent_s3_failure_names_the_document_and_keeps_it(db, s3, cli, tmp_path):
+    docs = anchore_sim.make_docs(25, seed=23)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    doomed = docs[7]
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(Rule("500", method="PUT", path=doomed.archive_id.split(":")[1], times=None))
+        source = write_config(tmp_path / "a.yaml", section("db"))
+        dest = write_config(tmp_path / "b.yaml", section("s3", through_proxy(s3, proxy, bucket, max_attempts=3)))
+        result = cli("migrate", source, dest, "--dontask")
+        assert proxy.rules[0].fired == 3  # tried, retried, then given up
+    assert result.returncode == 1
+    assert doomed.archive_id in result.stderr and "InternalError" in result.stderr
+    assert task_rows(db)[0][:2] == ("failed", "running")
+    row = db.execute('SELECT content_url FROM archive_metadata WHERE "archiveId" = %s', (doomed.archive_id,)).fetchone()
+    assert row[0].startswith("db://")
+    assert db.execute("SELECT count(*) FROM archive_document").fetchone()[0] == 1  # only its source copy left
+    assert_all_readable(db, s3.client, docs)
+    # once the fault is gone, the same command moves the rest
+    dest_direct = write_config(tmp_path / "c.yaml", section("s3", s3.driver_config(bucket)))
+    assert cli("migrate", source, dest_direct, "--dontask").returncode == 0
+    assert_all_readable(db, s3.client, docs)
+    assert len(s3.keys(bucket)) == len(docs)
+
+
+def test_unreachable_s3_endpoint_changes_nothing(db, cli, tmp_path):
+    import devservers
+
+    docs = anchore_sim.make_docs(5)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    config = {"access_key": "a", "secret_key": "b", "bucket": "x", "max_attempts": 1,
+              "url": f"http://127.0.0.1:{devservers.free_port()}"}
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("s3", config))
+    for args in (("check", dest), ("migrate", source, dest, "--dontask")):
+        result = cli(*args)
+        assert result.returncode == 1, result.stderr
+        assert "cannot reach S3" in result.stderr
+        assert len(result.stderr.strip().splitlines()) <= 3 and "Traceback" not in result.stderr
+    assert task_rows(db) == []
+    assert all(url.startswith("db://") for url in urls(db))
+
+
+def test_worker_connection_killed_mid_run(db, seaweed, cli, tmp_path, schema_ready):
+    docs = anchore_sim.make_docs(200, seed=24)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = seaweed.new_bucket()
+    with FaultProxy(seaweed.endpoint) as proxy:
+        # slow uploads keep the run going long enough to kill its connections
+        proxy.add(Rule("delay", method="PUT", delay=0.02, times=None))
+        source = write_config(tmp_path / "a.yaml", section("db"))
+        dest = write_config(tmp_path / "b.yaml", section("s3", through_proxy(seaweed, proxy, bucket)))
+        killed = []
+
+        def kill_worker_connections():
+            with psycopg.connect(schema_ready, autocommit=True) as admin:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and len(killed) < 2:
+                    done = admin.execute("SELECT coalesce(sum(documents_done), 0) FROM objmig_shards").fetchone()[0] \
+                        if admin.execute("SELECT to_regclass('objmig_shards')").fetchone()[0] else 0
+                    if done >= 20 * (len(killed) + 1):
+                        # the workers' connections, not the parent's (which holds the migration lock)
+                        rows = admin.execute(
+                            """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                               WHERE application_name = 'anchore-objmig' AND pid <> pg_backend_pid()
+                                 AND pid NOT IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory')""").fetchall()
+                        killed.extend(rows)
+                    time.sleep(0.05)
+
+        killer = threading.Thread(target=kill_worker_connections)
+        killer.start()
+        result = cli("migrate", source, dest, "--dontask", "--workers", "2", "--batch-size", "10", "--shard-size", "25")
+        killer.join()
+    assert killed, "no worker connection was killed"
+    assert "database connection lost" in result.stderr
+    if result.returncode != 0:  # a shard that ran out of attempts: the rerun completes
+        assert cli("migrate", source, dest, "--dontask").returncode == 0
+    assert_all_readable(db, seaweed.client, docs)
+    assert all(url.startswith("s3://") for url in urls(db))
+    assert len(seaweed.keys(bucket)) == len(docs)

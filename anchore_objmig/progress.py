@@ -126,6 +126,8 @@ def create_run(conn, task_id, source_location, dest_location, buckets, shards):
 
 def running_runs(conn, source_location=None, dest_location=None):
     """Runs still marked running, optionally only those between two locations."""
+    if not conn.execute("SELECT to_regclass('objmig_runs') IS NOT NULL").fetchone()[0]:
+        return []  # no run ever started in this database
     query = "SELECT task_id, source_location, dest_location, buckets, state FROM objmig_runs WHERE state = 'running'"
     params = []
     if source_location is not None:

@@ -1,0 +1,170 @@
+"""The sharded engine: planning, the progress table, workers, multipart, --join."""
+
+import os
+import subprocess
+import sys
+import time
+
+import psycopg
+
+import anchore_sim
+from anchore_objmig import plan
+from anchore_objmig.config import StoreConfig
+from anchore_objmig.drivers import DriverContext, make_driver
+from faultproxy import FaultProxy, Rule
+from helpers import assert_all_readable, section, task_rows, urls, write_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def drivers(dsn, dest_name="db2"):
+    context = DriverContext()
+    source = make_driver(StoreConfig("x", "k", "db", {}), context)
+    dest = make_driver(StoreConfig("x", "k", dest_name, {}), context)
+    return source, dest
+
+
+def test_shards_cover_every_document_once_within_bounds(db):
+    big = anchore_sim.make_docs(230, seed=31, users=("admin",), buckets=("analysis_data",))
+    small = anchore_sim.make_docs(12, seed=32, users=("acme",), buckets=("manifest_data", "query_data"))
+    anchore_sim.store(db, anchore_sim.Location("db"), big + small)
+    source, dest = drivers(None)
+    where = plan.source_filter(source, dest)
+    groups = plan.summarize(db, where)
+    assert sum(g.documents for g in groups) == len(big) + len(small)
+    shards = plan.cut_shards(db, where, groups, max_documents=40, max_bytes=10**12)
+    seen = []
+    for shard in shards:
+        docs_in_shard = []
+        after = None
+        while True:
+            params = {"bucket": shard.bucket, "user_id": shard.user_id, "lower": shard.lower, "upper": shard.upper,
+                      "limit": 7}
+            if after:
+                params["after_id"], params["after_name"] = after
+            rows = db.execute(plan.batch_query(where, shard, after), params).fetchall()
+            if not rows:
+                break
+            docs_in_shard += [row[1] for row in rows]
+            after = (rows[-1][1], rows[-1][3])
+        assert len(docs_in_shard) <= 40
+        seen += docs_in_shard
+    assert sorted(seen) == sorted(d.archive_id for d in big + small)  # every document, exactly once
+    assert len([s for s in shards if s.bucket == "analysis_data"]) >= 6
+
+
+def test_large_groups_are_also_split_by_bytes(db):
+    docs = anchore_sim.make_docs(60, seed=33, users=("admin",), buckets=("analysis_data",))
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    source, dest = drivers(None)
+    where = plan.source_filter(source, dest)
+    groups = plan.summarize(db, where)
+    total_bytes = sum(len(d.content) for d in docs)
+    shards = plan.cut_shards(db, where, groups, max_documents=10**6, max_bytes=total_bytes // 5)
+    assert len(shards) >= 5
+
+
+def test_progress_table_and_workers(db, seaweed, cli, tmp_path):
+    docs = anchore_sim.make_docs(300, seed=34)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = seaweed.new_bucket()
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    result = cli("migrate", source, dest, "--dontask", "--workers", "2", "--shard-size", "20", "--batch-size", "8")
+    assert result.returncode == 0, result.stderr
+    shards = db.execute("SELECT state, documents_done, worker, host FROM objmig_shards").fetchall()
+    assert len(shards) >= 15
+    assert {row[0] for row in shards} == {"done"}
+    assert sum(row[1] for row in shards) == len(docs)
+    assert len({row[2] for row in shards}) == 2  # two worker processes shared the shards
+    assert all(row[3] for row in shards)
+    assert db.execute("SELECT state FROM objmig_runs").fetchall() == [("complete",)]
+    assert_all_readable(db, seaweed.client, docs)
+
+
+def test_task_row_shows_live_progress(db, seaweed, cli, tmp_path, schema_ready):
+    docs = anchore_sim.make_docs(120, seed=35)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = seaweed.new_bucket()
+    with FaultProxy(seaweed.endpoint) as proxy:
+        proxy.add(Rule("delay", method="PUT", delay=0.03, times=None))
+        config = seaweed.driver_config(bucket)
+        config["url"] = proxy.endpoint
+        source = write_config(tmp_path / "a.yaml", section("db"))
+        dest = write_config(tmp_path / "b.yaml", section("s3", config))
+        command = [sys.executable, "-m", "anchore_objmig", "--db-connect", schema_ready, "migrate", source, dest,
+                   "--dontask", "--workers", "1", "--io-threads", "2", "--batch-size", "10"]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, text=True)
+        seen = set()
+        with psycopg.connect(schema_ready, autocommit=True) as watcher:
+            while process.poll() is None:
+                row = watcher.execute("SELECT archive_documents_migrated FROM archive_migration_tasks").fetchone()
+                if row:
+                    seen.add(row[0])
+                time.sleep(0.05)
+        assert process.wait() == 0, process.stderr.read()
+    partial = {count for count in seen if 0 < count < len(docs)}
+    assert partial, f"no intermediate progress seen: {sorted(seen)}"
+    assert task_rows(db)[0][4] == len(docs)
+
+
+def test_large_documents_go_up_in_parts(db, s3, cli, tmp_path):
+    import random
+
+    big = anchore_sim.Doc("admin", "image_content_data", "sha256:big", random.Random(1).randbytes(12 * 1024 * 1024 + 17))
+    docs = [big] + anchore_sim.make_docs(5, seed=36)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = s3.new_bucket()
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
+    result = cli("migrate", source, dest, "--dontask", "--multipart-threshold", "5MiB")
+    assert result.returncode == 0, result.stderr
+    head = s3.client.head_object(Bucket=bucket, Key="admin/image_content_data/sha256:big")
+    assert head["ETag"].strip('"').endswith("-3")  # three parts of 5 MiB (the last shorter)
+    assert head["ContentType"] == "binary/octet-stream"
+    assert_all_readable(db, s3.client, docs)
+    # and back down, read in one GET
+    assert cli("migrate", dest, source, "--dontask").returncode == 0
+    assert_all_readable(db, s3.client, docs)
+
+
+def test_join_shares_a_running_migration(db, seaweed, cli, tmp_path, schema_ready):
+    docs = anchore_sim.make_docs(160, seed=37)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = seaweed.new_bucket()
+    with FaultProxy(seaweed.endpoint) as proxy:
+        proxy.add(Rule("delay", method="PUT", delay=0.03, times=None))  # long enough to join
+        config = seaweed.driver_config(bucket)
+        config["url"] = proxy.endpoint
+        source = write_config(tmp_path / "a.yaml", section("db"))
+        dest = write_config(tmp_path / "b.yaml", section("s3", config))
+        base = [sys.executable, "-m", "anchore_objmig", "--db-connect", schema_ready, "migrate", source, dest,
+                "--workers", "1", "--io-threads", "2", "--batch-size", "5", "--shard-size", "10"]
+        main = subprocess.Popen(base + ["--dontask"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True)
+        with psycopg.connect(schema_ready, autocommit=True) as watcher:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if watcher.execute("SELECT to_regclass('objmig_runs') IS NOT NULL").fetchone()[0] and \
+                        watcher.execute("SELECT count(*) FROM objmig_runs WHERE state = 'running'").fetchone()[0]:
+                    break
+                time.sleep(0.02)
+        joiner = subprocess.run(base + ["--join"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        main_out, main_err = main.communicate(timeout=300)
+    assert joiner.returncode == 0, joiner.stderr
+    assert main.returncode == 0, main_err
+    assert "joining migration task 1" in joiner.stderr
+    workers = {row[0] for row in db.execute("SELECT DISTINCT worker FROM objmig_shards WHERE state = 'done'")}
+    assert len(workers) == 2, workers  # both processes moved shards
+    assert task_rows(db) == [("complete", "running", "db", "s3", len(docs), len(docs), True)]
+    assert_all_readable(db, seaweed.client, docs)
+    assert len(seaweed.keys(bucket)) == len(docs)
+
+
+def test_join_without_a_running_migration(db, cli, tmp_path):
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("db2"))
+    db.execute("SELECT 1")
+    result = cli("migrate", source, dest, "--join")
+    assert result.returncode == 1
+    assert "no running migration" in result.stderr
+    assert urls(db) == set()

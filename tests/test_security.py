@@ -1,0 +1,138 @@
+"""Secrets stay secret, passwords need not be on the command line, TLS is
+honoured on both sides, and hostile names are only ever data."""
+
+import os
+import shutil
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+import anchore_sim
+import devservers
+from anchore_objmig.db import DbSettings, connect
+from certs import make_certs
+from faultproxy import FaultProxy
+from helpers import assert_all_readable, section, urls, write_config
+
+
+def without_password(dsn):
+    parts = urlsplit(dsn)
+    netloc = f"{parts.username}@{parts.hostname}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), parts.password
+
+
+def test_password_from_pgpassword_and_pgpass(db, cli, tmp_path, schema_ready):
+    dsn, password = without_password(schema_ready)
+    assert cli("--db-connect", dsn, "list-migrations", db=False, env={"PGPASSWORD": password}).returncode == 0
+    parts = urlsplit(schema_ready)
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"{parts.hostname}:{parts.port}:*:{parts.username}:{password}\n")
+    pgpass.chmod(0o600)
+    assert cli("--db-connect", dsn, "list-migrations", db=False, env={"PGPASSFILE": str(pgpass)}).returncode == 0
+    refused = cli("--db-connect", dsn, "--db-retries", "0", "list-migrations", db=False, env={"PGPASSFILE": "/nonexistent"})
+    assert refused.returncode == 1 and "cannot connect to the database" in refused.stderr
+
+
+def test_password_in_url_never_printed(db, seaweed, cli, tmp_path, schema_ready):
+    _, password = without_password(schema_ready)
+    docs = anchore_sim.make_docs(5)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = seaweed.new_bucket()
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    sqlalchemy_url = schema_ready.replace("postgresql://", "postgresql+pg8000://")
+    outputs = []
+    for args in (("check", dest), ("migrate", source, dest, "--dontask"), ("list-migrations",),
+                 ("-v", "migrate", dest, source, "--dontask")):
+        result = cli("--db-connect", sqlalchemy_url, *args, db=False)
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout + result.stderr)
+    wrong = cli("--db-connect", sqlalchemy_url.replace(password, password + "x"), "--db-retries", "0",
+                "list-migrations", db=False)
+    outputs.append(wrong.stdout + wrong.stderr)
+    assert wrong.returncode == 1
+    for text in outputs:
+        assert password not in text
+        assert seaweed.secret_key not in text and seaweed.access_key not in text
+    assert_all_readable(db, seaweed.client, docs)
+
+
+def enable_ssl(server, cert, key):
+    """Turn on TLS in a running PostgreSQL with our server certificate."""
+    data_dir = str(server.data_dir)
+    for source, name in ((cert, "server.crt"), (key, "server.key")):
+        target = os.path.join(data_dir, name)
+        shutil.copy(source, target)
+        shutil.chown(target, "postgres", "postgres")
+        os.chmod(target, 0o600)
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET ssl = on")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def test_database_tls_modes(cli, tmp_path, schema_ready):
+    ca, cert, key = make_certs(tmp_path / "good")
+    other_ca, _, _ = make_certs(tmp_path / "other")
+    with devservers.PostgresServer() as server:
+        enable_ssl(server, cert, key)
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            anchore_sim.apply_schema(conn)
+        verified = DbSettings(server.dsn, retries=0, sslmode="verify-full", sslrootcert=ca)
+        with connect(verified) as conn:
+            assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0]
+        ok = cli("--db-connect", server.dsn, "--db-sslmode", "verify-full", "--db-sslrootcert", ca,
+                 "list-migrations", db=False)
+        assert ok.returncode == 0, ok.stderr
+        assert cli("--db-connect", server.dsn, "--db-use-ssl", "list-migrations", db=False).returncode == 0
+        untrusted = cli("--db-connect", server.dsn, "--db-retries", "0", "--db-sslmode", "verify-full",
+                        "--db-sslrootcert", other_ca, "list-migrations", db=False)
+        assert untrusted.returncode == 1
+        assert "certificate verify failed" in untrusted.stderr
+    # --db-use-ssl means sslmode=require: a server without TLS is refused
+    plain = cli("--db-connect", schema_ready, "--db-retries", "0", "--db-use-ssl", "list-migrations", db=False)
+    assert plain.returncode == 1 and "SSL" in plain.stderr
+
+
+def test_s3_ca_bundle_and_verify(db, seaweed, cli, tmp_path):
+    ca, cert, key = make_certs(tmp_path)
+    docs = anchore_sim.make_docs(6)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = seaweed.new_bucket()
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    with FaultProxy(seaweed.endpoint, tls=(cert, key)) as proxy:
+        assert proxy.endpoint.startswith("https://")
+        base = seaweed.driver_config(bucket, max_attempts=1)
+        base["url"] = proxy.endpoint
+        untrusted = write_config(tmp_path / "u.yaml", section("s3", base))
+        result = cli("check", untrusted)
+        assert result.returncode == 1 and "certificate verify failed" in result.stderr
+        unverified = write_config(tmp_path / "v.yaml", section("s3", {**base, "verify": False}))
+        assert cli("check", unverified).returncode == 0
+        trusted = write_config(tmp_path / "t.yaml", section("s3", {**base, "ca_bundle": ca}))
+        result = cli("migrate", source, trusted, "--dontask")
+        assert result.returncode == 0, result.stderr
+    assert_all_readable(db, seaweed.client, docs)
+
+
+HOSTILE_USERS = ("o'brien", 'a "quoted" user', "ünïcødé 用户", "semi;colon")
+HOSTILE_BUCKETS = ("my bucket's data", "x'); DROP TABLE archive_metadata; --", "politique_évaluations")
+
+
+def test_hostile_names_are_data(db, seaweed, cli, tmp_path):
+    docs = anchore_sim.make_docs(30, seed=41, users=HOSTILE_USERS, buckets=HOSTILE_BUCKETS)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = seaweed.new_bucket()
+    configs = {
+        "db": write_config(tmp_path / "db.yaml", section("db")),
+        "s3": write_config(tmp_path / "s3.yaml", section("s3", seaweed.driver_config(bucket, prefix="p'x/"), compress=True, min_size_kbytes=1)),
+        "db2": write_config(tmp_path / "db2.yaml", section("db2")),
+        "localfs": write_config(tmp_path / "fs.yaml", section("localfs", {"archive_data_dir": str(tmp_path / "files")})),
+    }
+    for source, dest in (("db", "s3"), ("s3", "db2"), ("db2", "localfs"), ("localfs", "db")):
+        result = cli("migrate", configs[source], configs[dest], "--dontask", "--bucket", HOSTILE_BUCKETS[1],
+                     "--bucket", HOSTILE_BUCKETS[0], "--bucket", HOSTILE_BUCKETS[2])
+        assert result.returncode == 0, result.stderr
+        assert_all_readable(db, seaweed.client, docs)
+    assert all(url.startswith("db://") for url in urls(db))
+    dry = cli("migrate", configs["db"], configs["s3"], "--dry-run")
+    assert dry.returncode == 0 and "o'brien" in dry.stdout

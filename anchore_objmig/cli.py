@@ -244,7 +244,7 @@ def dispatch(args):
             join=args.join,
             dry_run=args.dry_run,
             show_secrets=args.show_secrets,
-            progress=args.progress,
+            progress=progress_mode(args),
             metrics_file=args.metrics_file,
             log_settings=(log_level(args), args.log_format),
         )
@@ -257,12 +257,17 @@ def dispatch(args):
             analysis_archive=args.analysis_archive,
             buckets=tuple(dict.fromkeys(args.bucket)),
             workers=args.workers,
-            progress=args.progress,
+            progress=progress_mode(args),
             metrics_file=args.metrics_file,
             log_settings=(log_level(args), args.log_format),
         )
         return verify.run(options, db_settings(args))
     raise AssertionError(args.command)
+
+
+def progress_mode(args):
+    """--quiet asks for warnings and errors only: no progress unless asked for by name."""
+    return "none" if args.quiet and args.progress == "auto" else args.progress
 
 
 def log_level(args):

@@ -91,7 +91,7 @@ class ProgressDisplay:
     # -- log ---------------------------------------------------------------
     def _log(self, totals, now):
         facts = Facts(totals, now - self.started)
-        log.info("progress: %s, %d/%d shards done", facts.text(), totals.shards_done, totals.shards,
+        log.info("progress: %s, %d/%d shards done", facts.text(", "), totals.shards_done, totals.shards,
                  extra={"documents_done": totals.documents_done, "documents_total": totals.documents,
                         "bytes_done": totals.bytes_done, "documents_failed": totals.documents_failed})
         self.last_shown = now
@@ -111,12 +111,14 @@ class Facts:
         remaining = max(totals.documents - finished, 0)
         self.eta = remaining / self.docs_rate if self.docs_rate > 0 else None
 
-    def text(self):
+    def text(self, separator="  "):
         t = self.totals
         eta = clock_time(self.eta) if self.eta is not None else "--:--"
-        return (f"{t.documents_done}/{t.documents} documents {self.fraction * 100:.1f}% "
-                f"{decimal_bytes(t.bytes_done)} {self.docs_rate:.0f} docs/s "
-                f"{self.bytes_rate / 1e6:.1f} MB/s ETA {eta} {t.documents_failed} failed")
+        return separator.join([
+            f"{t.documents_done}/{t.documents} documents", f"{self.fraction * 100:.1f}%",
+            decimal_bytes(t.bytes_done), f"{self.docs_rate:.0f} docs/s", f"{self.bytes_rate / 1e6:.1f} MB/s",
+            f"ETA {eta}", f"{t.documents_failed} failed",
+        ])
 
 
 def meter(fraction):

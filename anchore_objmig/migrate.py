@@ -7,14 +7,16 @@ on other hosts with --join) claim shards from the database until none is left.
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import sys
 import time
 from dataclasses import dataclass
 
 import yaml
 
-from anchore_objmig import db, plan, progress, tasks, worker
+from anchore_objmig import db, metrics, plan, progress, tasks, worker
 from anchore_objmig.config import load_store_config
+from anchore_objmig.display import ProgressDisplay
 from anchore_objmig.drivers import DriverContext, make_driver
 from anchore_objmig.errors import EXIT_FAILED, EXIT_OK, ObjmigError, UsageError
 from anchore_objmig.faults import crash_point
@@ -93,6 +95,7 @@ def config_snippet(dest, show_secrets):
 
 def run(options, db_settings):
     source_store, dest_store = load_stores(options)
+    metrics.check_path(options.metrics_file)
     context = DriverContext(db_settings, options.io_threads, options.multipart_threshold)
     source = make_driver(source_store, context)
     dest = make_driver(dest_store, context)
@@ -143,7 +146,7 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
              task_id, total, human_bytes(sum(g.bytes for g in groups)), len(shards), options.workers)
     started = time.monotonic()
     spec = worker_spec(options, db_settings, source_store, dest_store, task_id)
-    run_workers(spec, options.workers, options.log_settings, conn, task_id)
+    run_workers(spec, options.workers, options.log_settings, conn, task_id, options.progress)
     wait_for_other_hosts(conn, spec, options, task_id)
     finish_pending_deletes(conn, source)
     crash_point("before-finish")
@@ -195,12 +198,12 @@ def finish_pending_deletes(conn, source):
         log.info("deleted %d old source copies left by an interrupted run", total)
 
 
-def run_workers(spec, count, log_settings, conn, task_id):
+def run_workers(spec, count, log_settings, conn, task_id, progress_mode="auto"):
     """Run `count` worker processes (or the loop in this process for 1)."""
-    reporter = ProgressReporter(conn, task_id)
+    reporter = ProgressReporter(conn, task_id, progress_mode)
     if count <= 1:
         worker.run_worker(spec, on_batch=reporter.maybe_report)
-        reporter.report()
+        reporter.close()
         return
     spawn = multiprocessing.get_context("spawn")  # no inherited sockets or locks
     processes = [
@@ -211,14 +214,13 @@ def run_workers(spec, count, log_settings, conn, task_id):
         process.start()
     try:
         while any(process.is_alive() for process in processes):
-            for process in processes:
-                process.join(timeout=1)
+            multiprocessing.connection.wait([process.sentinel for process in processes], timeout=0.25)
             reporter.maybe_report()
     except BaseException:
         for process in processes:
             process.terminate()
         raise
-    reporter.report()
+    reporter.close()
     for process in processes:
         if process.exitcode != 0:
             log.error("worker %s ended with exit status %s", process.name, process.exitcode)
@@ -244,7 +246,7 @@ def wait_for_other_hosts(conn, spec, options, task_id):
             log.warning("took back %d shards whose worker went quiet", stale)
             continue
         if pending:
-            run_workers(spec, options.workers, options.log_settings, conn, task_id)
+            run_workers(spec, options.workers, options.log_settings, conn, task_id, options.progress)
             continue
         if not active:
             return
@@ -263,7 +265,7 @@ def join(conn, options, db_settings, source, dest):
     log.info("joining migration task %d", task_id)
     spec = worker_spec(options, db_settings, source_store, dest_store, task_id)
     spec = worker.WorkerSpec(**{**spec.__dict__, "buckets": tuple(runs[-1].buckets or ()) or None})
-    run_workers(spec, options.workers, options.log_settings, conn, task_id)
+    run_workers(spec, options.workers, options.log_settings, conn, task_id, options.progress)
     log.info("no pending shards left in task %d; the host that started it finishes the task", task_id)
     return EXIT_OK
 
@@ -275,6 +277,9 @@ def finish(conn, task_id, dest_store, options, seconds):
     leftovers = progress.failures(conn, task_id, "source-copy")
     unfinished = progress.failed_shards(conn, task_id)
     state = "complete" if not failed and not unfinished else "failed"
+    metrics.record(options.metrics_file, metrics.RunResult(
+        command=metrics.MIGRATE, success=state == "complete" and not leftovers, duration_seconds=seconds,
+        documents=totals.documents_done, failed=len(failed), bytes=totals.bytes_done))
     tasks.finish_task(conn, task_id, state)
     progress.finish_run(conn, task_id, state)
     rate = totals.documents_done / seconds if seconds > 0 else 0.0
@@ -324,11 +329,12 @@ def dry_run(conn, where, source, dest, dest_store, options):
 
 
 class ProgressReporter:
-    """A log line about the run's progress every few seconds."""
+    """Feeds the run's totals to the operator's display: a bar, log lines or nothing."""
 
-    def __init__(self, conn, task_id, every=5.0):
+    def __init__(self, conn, task_id, mode="auto", every=0.5):
         self.conn, self.task_id, self.every = conn, task_id, every
-        self.started = self.last = time.monotonic()
+        self.display = ProgressDisplay(mode)
+        self.last = time.monotonic()
 
     def maybe_report(self):
         if time.monotonic() - self.last >= self.every:
@@ -336,11 +342,10 @@ class ProgressReporter:
 
     def report(self):
         self.last = time.monotonic()
-        totals = progress.totals(self.conn, self.task_id)
-        elapsed = max(self.last - self.started, 1e-6)
-        log.info("progress: %d/%d documents, %s, %.0f documents/s, %d failed, %d/%d shards done",
-                 totals.documents_done, totals.documents, human_bytes(totals.bytes_done),
-                 totals.documents_done / elapsed, totals.documents_failed, totals.shards_done, totals.shards)
+        self.display.update(progress.totals(self.conn, self.task_id))
+
+    def close(self):
+        self.display.close(progress.totals(self.conn, self.task_id))
 
 
 def human_bytes(count):

@@ -68,7 +68,7 @@ class VerifySpec:
 class BatchReport:
     good: int = 0
     bytes: int = 0  # stored bytes of the good documents
-    bad: list = field(default_factory=list)  # (label, url, reason)
+    bad: list = field(default_factory=list)  # (user_id, bucket, archive_id, url, reason)
     changed: int = 0  # rewritten or removed while we read them: not judged
     no_digest: int = 0  # rows without a digest: only size and zlib checked
 
@@ -130,23 +130,20 @@ class Verifier:
         for row, reason in suspects:
             now = current.get(key_of(row))
             if now == row:
-                report.bad.append((row.label, row.content_url, reason))
+                report.bad.append(named(row, reason))
             elif now is None:  # removed, or moved out of this location
                 report.changed += 1
             else:
                 again.append(now)
         for row, reason in self.judge(again, report):
-            report.bad.append((row.label, row.content_url, reason))
+            report.bad.append(named(row, reason))
         return report
 
     def judge(self, rows, report):
         """Count the good documents into `report`; the others as (row, reason)."""
         if not rows:
             return []
-        try:
-            found = self.driver.read_many([row.content_url for row in rows])
-        except Exception as exc:  # the bulk read failed as a whole
-            found = {row.content_url: exc for row in rows}
+        found = self.read(row.content_url for row in rows)
         suspects = []
         for row in rows:
             reason = problem(row, found.get(row.content_url))
@@ -158,11 +155,30 @@ class Verifier:
                 report.no_digest += not row.digest
         return suspects
 
+    def read(self, urls):
+        """{url: stored bytes or exception}: one bulk read, or, if that fails
+        as a whole, one read per URL, so one bad URL cannot condemn a batch."""
+        urls = list(urls)
+        try:
+            return self.driver.read_many(urls)
+        except Exception:
+            found = {}
+            for url in urls:
+                try:
+                    found.update(self.driver.read_many([url]))
+                except Exception as exc:
+                    found[url] = exc
+            return found
+
     def current_rows(self, rows):
         columns = [list(column) for column in zip(*[key_of(row) for row in rows])]
         query = sql.SQL(CURRENT_ROWS).format(self.where)
         found = self.context.db_connection().execute(query, columns)
         return {key_of(row): row for row in (DocRow(*values) for values in found)}
+
+
+def named(row, reason):
+    return (row.user_id, row.bucket, row.archive_id, row.content_url, reason)
 
 
 def key_of(row):
@@ -273,7 +289,7 @@ class Tally:
         self.shards, self.display = shards, display
         self.documents = sum(group.documents for group in groups)
         self.bytes = sum(group.bytes for group in groups)
-        self.report = BatchReport()
+        self.good = self.good_bytes = self.bad = self.changed = self.no_digest = 0
         self.done, self.failed = set(), {}
 
     def handle(self, event):
@@ -289,15 +305,13 @@ class Tally:
         self.display.update(self.totals())
 
     def add(self, batch):
-        total = self.report
-        total.good += batch.good
-        total.bytes += batch.bytes
-        total.changed += batch.changed
-        total.no_digest += batch.no_digest
-        total.bad += batch.bad
-        for label, url, reason in batch.bad:
-            user_id, bucket, archive_id = label.split("/", 2)
-            log.error("BAD %s (%s): %s", label, url, reason,
+        self.good += batch.good
+        self.good_bytes += batch.bytes
+        self.changed += batch.changed
+        self.no_digest += batch.no_digest
+        self.bad += len(batch.bad)  # counted, not kept: names go out as they come
+        for user_id, bucket, archive_id, url, reason in batch.bad:
+            log.error("BAD %s/%s/%s (%s): %s", user_id, bucket, archive_id, url, reason,
                       extra={"user_id": user_id, "bucket": bucket, "archive_id": archive_id,
                              "content_url": url, "reason": reason})
 
@@ -305,8 +319,8 @@ class Tally:
         return [s for s in self.shards if s.shard_no not in self.done]
 
     def totals(self):
-        return Totals(documents=self.documents, bytes=self.bytes, documents_done=self.report.good,
-                      bytes_done=self.report.bytes, documents_failed=len(self.report.bad),
+        return Totals(documents=self.documents, bytes=self.bytes, documents_done=self.good,
+                      bytes_done=self.good_bytes, documents_failed=self.bad,
                       shards=len(self.shards), shards_done=len(self.done), shards_failed=len(self.failed))
 
 
@@ -341,15 +355,14 @@ def run(options, db_settings):
 
 def finish(tally, driver, options, seconds):
     """Say what was read and what was wrong; the exit status follows."""
-    report, unfinished = tally.report, tally.unfinished()
-    bad = len(report.bad)
-    checked = report.good + bad
-    print(f"verified {checked} documents ({decimal_bytes(report.bytes)} good) at {driver.describe()}: "
-          f"{report.good} good, {bad} bad")
-    if report.changed:
-        print(f"{report.changed} documents changed or were removed while being read and were not judged")
-    if report.no_digest:
-        print(f"{report.no_digest} documents have no digest: only their size and compression were checked")
+    unfinished, bad = tally.unfinished(), tally.bad
+    checked = tally.good + bad
+    print(f"verified {checked} documents in {driver.describe()}: "
+          f"{tally.good} good ({decimal_bytes(tally.good_bytes)}), {bad} bad")
+    if tally.changed:
+        print(f"{tally.changed} documents changed or were removed while being read and were not judged")
+    if tally.no_digest:
+        print(f"{tally.no_digest} documents have no digest: only their size and compression were checked")
     for shard in unfinished:
         if shard.shard_no not in tally.failed:
             log.error("shard %d (%s/%s) was not verified: its worker stopped", shard.shard_no, shard.user_id, shard.bucket)

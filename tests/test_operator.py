@@ -360,6 +360,30 @@ def test_metrics_readers_never_see_a_partial_file(tmp_path):
     assert os.listdir(tmp_path) == ["objmig.prom"]
 
 
+def test_migrate_writes_its_metrics_file(db, seaweed, cli, tmp_path):
+    """End to end: migrate --metrics-file (needs migrate.finish() to call metrics.record)."""
+    docs, bad = seed_with_one_bad(db, count=12)
+    bucket = seaweed.new_bucket()
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    prom = tmp_path / "textfile" / "objmig.prom"
+    prom.parent.mkdir()
+    assert cli("migrate", source, dest, "--dontask", "--metrics-file", prom).returncode == 1
+    _, samples = parse_exposition(prom.read_text())
+    assert metric(samples, "documents_migrated_total", "migrate") == 11
+    assert metric(samples, "documents_failed_total", "migrate") == 1
+    assert metric(samples, "last_success_timestamp_seconds", "migrate") is None
+    failed_at = metric(samples, "last_run_timestamp_seconds", "migrate")
+
+    db.execute("""UPDATE archive_document SET jsondata = left(jsondata, -1) WHERE "archiveId" = %s""", (bad.archive_id,))
+    assert cli("migrate", source, dest, "--dontask", "--metrics-file", prom).returncode == 0
+    _, samples = parse_exposition(prom.read_text())
+    assert metric(samples, "documents_migrated_total", "migrate") == 1
+    assert metric(samples, "bytes_migrated_total", "migrate") == len(bad.content)
+    assert metric(samples, "last_success_timestamp_seconds", "migrate") >= failed_at
+    assert os.listdir(prom.parent) == ["objmig.prom"]
+
+
 # -- 3. verify --------------------------------------------------------------------
 
 def seed_s3_and_db(db, client, bucket, s3_count=40, db_count=10):
@@ -497,7 +521,7 @@ def test_verify_does_not_blame_documents_changed_while_it_reads(db, seaweed, sch
     finally:
         verifier.close()
     assert report.changed == 2
-    assert [bad[0] for bad in report.bad] == [broken.label]
+    assert [bad[:3] for bad in report.bad] == [(broken.user_id, broken.bucket, broken.archive_id)]
     assert report.good == len(rows) - 3  # the rewritten document was checked again, and is good
 
 

@@ -58,9 +58,16 @@ def decode(stored_bytes, is_compressed, expected_digest):
         raise CorruptDocument(f"marked compressed but does not decompress: {exc}") from None
 
 
-def encode(plain, compress, threshold):
-    """Plain bytes as they should be stored: zlib when enabled and len > threshold."""
+def encode(plain, compress, threshold, plain_digest=None):
+    """Plain bytes as they should be stored: zlib when enabled and len > threshold.
+
+    `plain_digest`: the MD5 hex of `plain` when already known (and checked),
+    so an uncompressed document is not hashed a second time.
+    """
     is_compressed = bool(compress) and len(plain) > threshold
+    if not is_compressed and plain_digest:
+        digest = plain_digest.strip().lower()
+        return Stored(data=plain, is_compressed=False, digest=digest, md5=bytes.fromhex(digest))
     data = zlib.compress(plain, ZLIB_LEVEL) if is_compressed else plain
     digest = md5_of(data)
     return Stored(data=data, is_compressed=is_compressed, digest=digest.hexdigest(), md5=digest.digest())

@@ -48,6 +48,7 @@ class WorkerSpec:
     buckets: tuple | None
     delete_source: bool = True
     batch_size: int = 500
+    batch_bytes: int = 64 * 1024 * 1024
     io_threads: int = 8
     multipart_threshold: int = 8 * 1024 * 1024
 
@@ -90,16 +91,26 @@ def prepare_writes(rows, found, dest, dest_store, result):
         except (codec.DigestMismatch, codec.CorruptDocument) as exc:
             result.failures.append((row, str(exc)))
             continue
-        encoded = codec.encode(plain, compress, threshold)
+        # The digest was just checked against these very bytes when they were stored plain.
+        encoded = codec.encode(plain, compress, threshold, None if row.is_compressed else row.digest)
         url = dest.url_for(row.user_id, row.bucket, row.archive_id)
         items.append((row, WriteItem(url, row.user_id, row.bucket, row.archive_id, encoded)))
     return items
 
 
-def write_destination(dest, items, result):
-    """Write a batch; the items whose destination copy is confirmed."""
+def start_writes(dest, items):
+    """Start the batch's destination writes; a function that waits for them."""
     try:
-        errors = dest.write_many([item for _, item in items])
+        return dest.submit_writes([item for _, item in items])
+    except Exception as exc:
+        errors = {item.url: exc for _, item in items}
+        return lambda: errors
+
+
+def confirmed_writes(items, wait, result):
+    """Wait for a batch's writes; the items whose destination copy is confirmed."""
+    try:
+        errors = wait()
     except Exception as exc:
         errors = {item.url: exc for _, item in items}
     written = []
@@ -165,14 +176,29 @@ def delete_sources(source, committed, result):
             result.deleted.append(row.content_url)
 
 
-def migrate_batch(rows, source, dest, dest_store, conn, delete_source, task_id):
-    """Move one batch of documents; what happened to each."""
+@dataclass
+class Flight:
+    """A batch whose destination writes are under way."""
+
+    items: list  # (DocRow, WriteItem)
+    wait: object  # waits for the writes, gives {url: exception}
+    result: BatchResult
+
+
+def launch_batch(rows, source, dest, dest_store):
+    """Read, check and re-encode a batch, and start writing it (without waiting)."""
     result = BatchResult()
     found = read_sources(source, rows)
     crash_point("after-read")
     items = prepare_writes(rows, found, dest, dest_store, result)
-    del found  # the plain and encoded bytes are all we hold from here on
-    written = write_destination(dest, items, result)
+    del found  # the encoded bytes are all we hold from here on
+    return Flight(items, start_writes(dest, items), result)
+
+
+def land_batch(flight, conn, source, delete_source, task_id):
+    """Wait for a batch's writes, commit its metadata, delete the old copies."""
+    result = flight.result
+    written = confirmed_writes(flight.items, flight.wait, result)
     crash_point("after-write")
     committed = commit_metadata(conn, written, result, task_id, delete_source)
     crash_point("after-commit")
@@ -184,8 +210,9 @@ def migrate_batch(rows, source, dest, dest_store, conn, delete_source, task_id):
     return result
 
 
-def shard_batches(conn, where, shard, batch_size):
-    """The shard's documents still at the source, a batch at a time."""
+def shard_batches(conn, where, shard, batch_size, batch_bytes):
+    """The shard's documents still at the source, a batch at a time: at most
+    `batch_size` documents and, but for a single large one, `batch_bytes`."""
     after = None
     while True:
         query = plan.batch_query(where, shard, after)
@@ -201,26 +228,48 @@ def shard_batches(conn, where, shard, batch_size):
         rows = [DocRow(*row) for row in conn.execute(query, params)]
         if not rows:
             return
+        rows = within_bytes(rows, batch_bytes)
         yield rows
         after = (rows[-1].archive_id, rows[-1].document_name)
 
 
+def within_bytes(rows, limit):
+    """The leading rows whose stored sizes add up to at most `limit` (at least one)."""
+    total = 0
+    for count, row in enumerate(rows):
+        total += row.size or 0
+        if total > limit and count > 0:
+            return rows[:count]
+    return rows
+
+
 def process_shard(spec, shard, source, dest, conn, where, on_batch=None):
-    for rows in shard_batches(conn, where, shard, spec.batch_size):
-        result = migrate_batch(rows, source, dest, spec.dest, conn, spec.delete_source, spec.task_id)
-        for row, reason in result.failures:
-            log.error("document %s not moved: %s", row.label, reason)
-        for row, reason in result.leftovers:
-            log.warning("document %s: %s", row.label, reason)
-        progress.record_batch(
-            conn, spec.task_id, shard.shard_no, len(result.moved), result.bytes, result.failures, result.leftovers,
-            result.deleted,
-        )
-        if result.moved:
-            tasks.add_migrated(conn, spec.task_id, len(result.moved))
-        crash_point("after-record")
-        if on_batch:
-            on_batch()
+    """Move a shard, one batch's writes in flight while the next is prepared."""
+    in_flight = None
+    for rows in shard_batches(conn, where, shard, spec.batch_size, spec.batch_bytes):
+        flight = launch_batch(rows, source, dest, spec.dest)
+        if in_flight is not None:
+            finish_batch(spec, shard, in_flight, source, conn, on_batch)
+        in_flight = flight
+    if in_flight is not None:
+        finish_batch(spec, shard, in_flight, source, conn, on_batch)
+
+
+def finish_batch(spec, shard, flight, source, conn, on_batch):
+    result = land_batch(flight, conn, source, spec.delete_source, spec.task_id)
+    for row, reason in result.failures:
+        log.error("document %s not moved: %s", row.label, reason)
+    for row, reason in result.leftovers:
+        log.warning("document %s: %s", row.label, reason)
+    progress.record_batch(
+        conn, spec.task_id, shard.shard_no, len(result.moved), result.bytes, result.failures, result.leftovers,
+        result.deleted,
+    )
+    if result.moved:
+        tasks.add_migrated(conn, spec.task_id, len(result.moved))
+    crash_point("after-record")
+    if on_batch:
+        on_batch()
 
 
 def worker_main(spec, log_settings):

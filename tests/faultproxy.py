@@ -25,7 +25,7 @@ ERROR_BODY = (
 
 @dataclass
 class Rule:
-    action: str  # "503" | "500" | "reset" | "delay"
+    action: str  # "503" | "500" | "reset" | "delay" | "corrupt" (flip a byte of the body)
     method: str | None = None  # e.g. "PUT"; None: any
     path: str | None = None  # regex searched in the request path (with query)
     times: int | None = 1  # how often it fires; None: always
@@ -48,6 +48,7 @@ class FaultProxy:
         self.rules = []
         self.lock = threading.Lock()
         self.requests = 0
+        self.seen = []  # (method, path, headers, body) of every request, for wire checks
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,6 +61,7 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 rule = proxy.match(self.command, self.path)
+                proxy.record(self.command, self.path, dict(self.headers.items()), body)
                 if rule and rule.action == "reset":
                     # RST instead of FIN: what a dying load balancer does.
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -72,6 +74,8 @@ class FaultProxy:
                     return
                 if rule and rule.action == "delay":
                     time.sleep(rule.delay)
+                if rule and rule.action == "corrupt" and body:
+                    body = bytes([body[0] ^ 0xFF]) + body[1:]  # a bit flip in transit
                 self.forward(body)
 
             def forward(self, body):
@@ -124,6 +128,10 @@ class FaultProxy:
     def add(self, *rules):
         with self.lock:
             self.rules.extend(rules)
+
+    def record(self, method, path, headers, body):
+        with self.lock:
+            self.seen.append((method, path, headers, body))
 
     def match(self, method, path):
         with self.lock:

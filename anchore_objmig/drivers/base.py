@@ -100,6 +100,14 @@ class Driver:
         """Store every WriteItem; {url: exception} for those that failed."""
         raise NotImplementedError
 
+    def submit_writes(self, items):
+        """Start writing `items`; returns a function that waits for them and
+        gives {url: exception} for those that failed. Drivers with network
+        writes return at once, so the worker can prepare the next batch
+        while these are in flight."""
+        errors = self.write_many(items)
+        return lambda: errors
+
     def delete_many(self, urls):
         """Delete the documents at `urls`; {url: exception} for those that failed."""
         raise NotImplementedError

@@ -50,8 +50,11 @@ class LocalFsDriver(Driver):
         return dict(zip(urls, self.executor().map(read_one, urls)))
 
     def write_many(self, items):
-        results = self.executor().map(write_one, items)
-        return {item.url: error for item, error in zip(items, results) if error}
+        return self.submit_writes(items)()
+
+    def submit_writes(self, items):
+        futures = [self.executor().submit(write_one, item) for item in items]
+        return lambda: {item.url: future.result() for item, future in zip(items, futures) if future.result()}
 
     def delete_many(self, urls):
         results = self.executor().map(delete_one, urls)

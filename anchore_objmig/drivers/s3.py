@@ -6,6 +6,7 @@ that check is what lets a migration delete the source copy afterwards.
 """
 
 import logging
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +15,7 @@ import botocore.exceptions
 from botocore.config import Config
 
 from anchore_objmig import codec
+from anchore_objmig.drivers import s3_hotpath
 from anchore_objmig.drivers.base import Driver, NotFound
 from anchore_objmig.errors import ObjmigError, StorageError, UsageError
 from anchore_objmig.faults import crash_point
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "binary/octet-stream"  # what Anchore writes
 DELETE_BATCH = 1000  # DeleteObjects' limit
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's smallest multipart part (but the last)
+PART_THREADS = 4  # parts of large documents in flight at once, per process
+PART_POOL_LOCK = threading.Lock()
 PROBE_DIR = ".anchore-objmig-probe/"
 AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken", "ExpiredToken"}
 MISSING_BUCKET = {"NoSuchBucket", "404", "NotFound"}
@@ -97,7 +101,9 @@ class S3Driver(Driver):
         self.endpoint = config.get("url") or None
         self.part_size = max(context.multipart_threshold, MIN_PART_SIZE)
         self.client = make_client(config, context.io_threads)
+        self.fast = s3_hotpath.make_minio(config, context.io_threads, truthy)
         self.pool = None
+        self.part_pool = None
 
     @property
     def url_base(self):
@@ -176,17 +182,21 @@ class S3Driver(Driver):
     def read_one(self, url):
         try:
             bucket, key = split_s3_url(url)
-            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except botocore.exceptions.ClientError as exc:
-            if error_code(exc) in ("NoSuchKey", "404"):
-                return NotFound(f"no object at {url}")
-            return StorageError(f"cannot read {url}: {describe_error(exc)}")
-        except (botocore.exceptions.BotoCoreError, StorageError, OSError) as exc:
-            return StorageError(f"cannot read {url}: {describe_error(exc)}")
+            data = s3_hotpath.get(self.fast, bucket, key)
+        except (s3_hotpath.HotPathError, StorageError, OSError) as exc:
+            return StorageError(f"cannot read {url}: {exc}")
+        return NotFound(f"no object at {url}") if data is None else data
 
     def write_many(self, items):
-        results = self.executor().map(self.write_one, items)
-        return {item.url: error for item, error in zip(items, results) if error}
+        return self.submit_writes(items)()
+
+    def submit_writes(self, items):
+        futures = [self.executor().submit(self.write_one, item) for item in items]
+
+        def wait():
+            return {item.url: future.result() for item, future in zip(items, futures) if future.result()}
+
+        return wait
 
     def write_one(self, item):
         try:
@@ -194,9 +204,10 @@ class S3Driver(Driver):
             if len(item.stored.data) > self.part_size:
                 self.put_multipart(bucket, key, item.stored.data)
             else:
-                self.put(key, item.stored.data, item.stored.md5, bucket)
+                s3_hotpath.put(self.fast, bucket, key, item.stored.data, item.stored.md5, CONTENT_TYPE)
             crash_point("s3-put")
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, StorageError) as exc:
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, StorageError,
+                s3_hotpath.HotPathError) as exc:
             return StorageError(f"cannot write {item.url}: {describe_error(exc)}")
         return None
 
@@ -218,20 +229,25 @@ class S3Driver(Driver):
         upload = self.client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=CONTENT_TYPE)
         upload_id = upload["UploadId"]
         view = memoryview(data)
+
+        def send_part(number, start):
+            chunk = view[start:start + self.part_size]
+            answer = self.client.upload_part(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=bytes(chunk),
+                ContentMD5=codec.content_md5_header(codec.md5_of(chunk).digest()),
+            )
+            crash_point("s3-part")
+            return {"ETag": answer["ETag"], "PartNumber": number}
+
         try:
-            parts = []
-            for number, start in enumerate(range(0, len(data), self.part_size), start=1):
-                chunk = view[start:start + self.part_size]
-                answer = self.client.upload_part(
-                    Bucket=bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=bytes(chunk),
-                    ContentMD5=codec.content_md5_header(codec.md5_of(chunk).digest()),
-                )
-                parts.append({"ETag": answer["ETag"], "PartNumber": number})
-                crash_point("s3-part")
+            # Parts go up side by side, on a pool of their own (not the document
+            # pool this runs on, which they could otherwise wait for forever).
+            starts = range(0, len(data), self.part_size)
+            parts = list(self.parts_executor().map(send_part, range(1, len(starts) + 1), starts))
             self.client.complete_multipart_upload(
                 Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )
@@ -276,9 +292,16 @@ class S3Driver(Driver):
             for err in answer.get("Errors", [])
         }
 
+    def parts_executor(self):
+        with PART_POOL_LOCK:
+            if self.part_pool is None:
+                self.part_pool = ThreadPoolExecutor(PART_THREADS, thread_name_prefix="s3-part")
+        return self.part_pool
+
     def close(self):
-        if self.pool:
-            self.pool.shutdown()
+        for pool in (self.pool, self.part_pool):
+            if pool:
+                pool.shutdown()
 
 
 def truthy(value):

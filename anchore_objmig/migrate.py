@@ -199,20 +199,19 @@ def finish_pending_deletes(conn, source):
 
 
 def run_workers(spec, count, log_settings, conn, task_id, progress_mode="auto"):
-    """Run `count` worker processes (or the loop in this process for 1)."""
+    """Run `count` workers: this process is one of them (it would only wait
+    otherwise, and a new interpreter costs half a second of imports), the
+    others are new processes."""
     reporter = ProgressReporter(conn, task_id, progress_mode)
-    if count <= 1:
-        worker.run_worker(spec, on_batch=reporter.maybe_report)
-        reporter.close()
-        return
     spawn = multiprocessing.get_context("spawn")  # no inherited sockets or locks
     processes = [
         spawn.Process(target=worker.worker_main, args=(spec, log_settings), name=f"objmig-worker-{n}")
-        for n in range(count)
+        for n in range(1, count)
     ]
     for process in processes:
         process.start()
     try:
+        worker.run_worker(spec, on_batch=reporter.maybe_report)
         while any(process.is_alive() for process in processes):
             multiprocessing.connection.wait([process.sentinel for process in processes], timeout=0.25)
             reporter.maybe_report()
@@ -224,6 +223,11 @@ def run_workers(spec, count, log_settings, conn, task_id, progress_mode="auto"):
     for process in processes:
         if process.exitcode != 0:
             log.error("worker %s ended with exit status %s", process.name, process.exitcode)
+    # A worker that died holding shards: they go back to pending at once
+    # (not after the heartbeat times out), up to the attempt limit.
+    names = [worker.worker_name(process.pid) for process in processes] + [worker.worker_name()]
+    for shard_no in progress.running_shards_of(conn, task_id, names):
+        progress.give_back_shard(conn, task_id, shard_no, worker.MAX_SHARD_ATTEMPTS, "its worker process ended")
 
 
 def wait_for_other_hosts(conn, spec, options, task_id):

@@ -225,6 +225,15 @@ def give_back_shard(conn, task_id, shard_no, max_attempts, error):
     return row[0] if row else None
 
 
+def running_shards_of(conn, task_id, workers):
+    """Shards of the run still marked running by any of these workers."""
+    rows = conn.execute(
+        "SELECT shard_no FROM objmig_shards WHERE task_id = %s AND state = 'running' AND worker = ANY(%s::text[])",
+        (task_id, list(workers)),
+    )
+    return [row[0] for row in rows]
+
+
 def finish_shard(conn, task_id, shard_no, state, error=None):
     conn.execute(
         "UPDATE objmig_shards SET state = %s, error = %s, heartbeat = now() WHERE task_id = %s AND shard_no = %s",

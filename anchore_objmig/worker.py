@@ -8,6 +8,7 @@ steps leaves each metadata row pointing at a complete copy; a rerun selects
 what is still at the source and overwrites any stray destination copy.
 """
 
+import collections
 import logging
 import os
 import socket
@@ -62,8 +63,9 @@ class BatchResult:
     deleted: list = field(default_factory=list)  # old URLs deleted
 
 
-def worker_name():
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_name(pid=None):
+    """How a worker process is named in objmig_shards: host:pid."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
 def read_sources(source, rows):
@@ -243,18 +245,6 @@ def within_bytes(rows, limit):
     return rows
 
 
-def process_shard(spec, shard, source, dest, conn, where, on_batch=None):
-    """Move a shard, one batch's writes in flight while the next is prepared."""
-    in_flight = None
-    for rows in shard_batches(conn, where, shard, spec.batch_size, spec.batch_bytes):
-        flight = launch_batch(rows, source, dest, spec.dest)
-        if in_flight is not None:
-            finish_batch(spec, shard, in_flight, source, conn, on_batch)
-        in_flight = flight
-    if in_flight is not None:
-        finish_batch(spec, shard, in_flight, source, conn, on_batch)
-
-
 def finish_batch(spec, shard, flight, source, conn, on_batch):
     result = land_batch(flight, conn, source, spec.delete_source, spec.task_id)
     for row, reason in result.failures:
@@ -278,38 +268,95 @@ def worker_main(spec, log_settings):
     run_worker(spec)
 
 
+class Pipeline:
+    """Batches whose writes are in the air, landed in order.
+
+    One batch's writes stay in flight while the next batch is read and
+    encoded, across shard boundaries too; a shard is marked done when its
+    last batch lands.
+    """
+
+    DEPTH = 1  # batches in the air while the next is prepared (memory: DEPTH + 1 batches)
+
+    def __init__(self, spec, source, dest, on_batch):
+        self.spec, self.source, self.dest, self.on_batch = spec, source, dest, on_batch
+        self.in_flight = collections.deque()  # (shard, Flight, is its shard's last batch)
+
+    def launch(self, conn, shard, rows, last):
+        self.in_flight.append((shard, launch_batch(rows, self.source, self.dest, self.spec.dest), last))
+        while len(self.in_flight) > self.DEPTH:
+            self.land_oldest(conn)
+
+    def land_oldest(self, conn):
+        shard, flight, last = self.in_flight.popleft()
+        finish_batch(self.spec, shard, flight, self.source, conn, self.on_batch)
+        if last:
+            progress.finish_shard(conn, self.spec.task_id, shard.shard_no, "done")
+
+    def land_all(self, conn):
+        while self.in_flight:
+            self.land_oldest(conn)
+
+    def abandon(self):
+        """The shards of batches not landed (their writes are strays a rerun overwrites)."""
+        shards = {shard.shard_no: shard for shard, _, _ in self.in_flight}
+        self.in_flight.clear()
+        return list(shards.values())
+
+
+def move_shard(pipeline, conn, where, shard):
+    """Launch every batch of a shard; the last is known one batch ahead."""
+    spec = pipeline.spec
+    previous = None
+    for rows in shard_batches(conn, where, shard, spec.batch_size, spec.batch_bytes):
+        if previous is not None:
+            pipeline.launch(conn, shard, previous, last=False)
+        previous = rows
+    if previous is None:
+        progress.finish_shard(conn, spec.task_id, shard.shard_no, "done")  # nothing left in it
+    else:
+        pipeline.launch(conn, shard, previous, last=True)
+
+
 def run_worker(spec, on_batch=None):
-    """Claim and process shards of the run until none is pending."""
+    """Claim and move shards of the run until none is pending."""
     context = DriverContext(spec.db_settings, spec.io_threads, spec.multipart_threshold)
     source = make_driver(spec.source, context)
     dest = make_driver(spec.dest, context)
     where = plan.source_filter(source, dest, spec.buckets)
+    pipeline = Pipeline(spec, source, dest, on_batch)
     name = worker_name()
     try:
         while True:
-            conn = context.db_connection()
-            shard = progress.claim_shard(conn, spec.task_id, name)
-            if shard is None:
-                return
-            crash_point("after-claim")
+            shard = None
             try:
-                process_shard(spec, shard, source, dest, conn, where, on_batch)
-            except psycopg.OperationalError as exc:
-                # The connection dropped (server restart, pg_terminate_backend, network):
-                # everything committed so far is consistent; give the shard back.
-                log.warning("shard %d: database connection lost (%s); giving the shard back", shard.shard_no,
-                            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-                state = progress.give_back_shard(
-                    context.db_connection(), spec.task_id, shard.shard_no, MAX_SHARD_ATTEMPTS, str(exc)[:1000]
-                )
-                if state == "failed":
-                    log.error("shard %d failed after %d attempts", shard.shard_no, MAX_SHARD_ATTEMPTS)
+                conn = context.db_connection()
+                shard = progress.claim_shard(conn, spec.task_id, name)
+                if shard is None:
+                    pipeline.land_all(conn)
+                    return
+                crash_point("after-claim")
+                move_shard(pipeline, conn, where, shard)
             except Exception as exc:
-                log.error("shard %d (%s/%s) stopped: %s", shard.shard_no, shard.user_id, shard.bucket, exc)
-                progress.finish_shard(context.db_connection(), spec.task_id, shard.shard_no, "failed", str(exc)[:1000])
-            else:
-                progress.finish_shard(conn, spec.task_id, shard.shard_no, "done")
+                stuck = {s.shard_no: s for s in [shard, *pipeline.abandon()] if s is not None}.values()
+                give_back(context, spec, stuck, exc)
     finally:
         source.close()
         dest.close()
         context.close()
+
+
+def give_back(context, spec, shards, exc):
+    """After an error: shards go back to pending when the database connection
+    dropped (everything committed is consistent), or fail otherwise."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    conn = context.db_connection()
+    for shard in shards:
+        if isinstance(exc, psycopg.OperationalError):
+            log.warning("shard %d: database connection lost (%s); giving the shard back", shard.shard_no, reason)
+            state = progress.give_back_shard(conn, spec.task_id, shard.shard_no, MAX_SHARD_ATTEMPTS, str(exc)[:1000])
+            if state == "failed":
+                log.error("shard %d failed after %d attempts", shard.shard_no, MAX_SHARD_ATTEMPTS)
+        else:
+            log.error("shard %d (%s/%s) stopped: %s", shard.shard_no, shard.user_id, shard.bucket, reason)
+            progress.finish_shard(conn, spec.task_id, shard.shard_no, "failed", str(exc)[:1000])

@@ -10,9 +10,7 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import boto3
 import botocore.exceptions
-from botocore.config import Config
 
 from anchore_objmig import codec
 from anchore_objmig.drivers import s3_hotpath
@@ -27,6 +25,7 @@ DELETE_BATCH = 1000  # DeleteObjects' limit
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's smallest multipart part (but the last)
 PART_THREADS = 4  # parts of large documents in flight at once, per process
 PART_POOL_LOCK = threading.Lock()
+CLIENT_LOCK = threading.Lock()
 PROBE_DIR = ".anchore-objmig-probe/"
 AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken", "ExpiredToken"}
 MISSING_BUCKET = {"NoSuchBucket", "404", "NotFound"}
@@ -57,21 +56,6 @@ def describe_error(exc):
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def add_content_md5(request, **_):
-    """Give DeleteObjects a Content-MD5 header.
-
-    botocore 1.36+ sends a CRC32 checksum instead when checksums are only
-    "when_required"; MinIO-derived servers insist on Content-MD5 and refuse
-    the request with MissingContentMD5 without it.
-    """
-    body = request.body or b""
-    if isinstance(body, str):
-        body = body.encode("utf-8")
-    if "Content-MD5" in request.headers:  # a multi-dict: a retry would add a second one
-        del request.headers["Content-MD5"]
-    request.headers["Content-MD5"] = codec.content_md5_header(codec.md5_of(body).digest())
-
-
 class S3Driver(Driver):
     name = "s3"
     scheme = "s3"
@@ -100,7 +84,7 @@ class S3Driver(Driver):
         self.prefix = config.get("prefix") or ""
         self.endpoint = config.get("url") or None
         self.part_size = max(context.multipart_threshold, MIN_PART_SIZE)
-        self.client = make_client(config, context.io_threads)
+        self._client = None  # boto3, made on first use: workers rarely need it
         self.fast = s3_hotpath.make_minio(config, context.io_threads, truthy)
         self.pool = None
         self.part_pool = None
@@ -108,6 +92,14 @@ class S3Driver(Driver):
     @property
     def url_base(self):
         return f"s3://{self.bucket}/{self.prefix}"
+
+    @property
+    def client(self):
+        """boto3, for bucket checks and multipart uploads."""
+        with CLIENT_LOCK:
+            if self._client is None:
+                self._client = make_client(self.store.driver_config, self.context.io_threads)
+        return self._client
 
     def describe(self):
         where = f" at {self.endpoint}" if self.endpoint else ""
@@ -279,18 +271,12 @@ class S3Driver(Driver):
     def delete_chunk(self, bucket, pairs):
         url_of = {key: url for key, url in pairs}
         try:
-            answer = self.client.delete_objects(
-                Bucket=bucket, Delete={"Objects": [{"Key": key} for key, _ in pairs], "Quiet": True}
-            )
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-            error = StorageError(f"DeleteObjects in s3://{bucket} failed: {describe_error(exc)}")
+            errors = s3_hotpath.delete(self.fast, bucket, [key for key, _ in pairs])
+        except s3_hotpath.HotPathError as exc:
+            error = StorageError(f"DeleteObjects in s3://{bucket} failed: {exc}")
             return {url: error for _, url in pairs}
-        return {
-            url_of.get(err.get("Key"), err.get("Key")): StorageError(
-                f"cannot delete s3://{bucket}/{err.get('Key')}: {err.get('Code')}: {err.get('Message', '')}"
-            )
-            for err in answer.get("Errors", [])
-        }
+        return {url_of.get(key, key): StorageError(f"cannot delete s3://{bucket}/{key}: {reason}")
+                for key, reason in errors.items()}
 
     def parts_executor(self):
         with PART_POOL_LOCK:
@@ -310,6 +296,9 @@ def truthy(value):
 
 def make_client(config, io_threads):
     """A boto3 S3 client that works unchanged against AWS, MinIO and Ceph."""
+    import boto3  # imported here: a worker that never needs boto3 does not pay for it
+    from botocore.config import Config
+
     region = config.get("region")
     region = region if isinstance(region, str) and region else None
     endpoint = config.get("url") or None
@@ -335,6 +324,4 @@ def make_client(config, io_threads):
     verify = config.get("ca_bundle") or config.get("verify")
     if verify is not None:
         kwargs["verify"] = verify if isinstance(verify, str) else truthy(verify)
-    client = boto3.session.Session().client("s3", **kwargs)
-    client.meta.events.register("before-sign.s3.DeleteObjects", add_content_md5)
-    return client
+    return boto3.session.Session().client("s3", **kwargs)

@@ -1,4 +1,4 @@
-"""Single-object PUT and GET through minio's lighter client.
+"""Per-document PUT, GET and bulk DeleteObjects through minio's lighter client.
 
 A migration makes one request per document, so per-request client CPU is
 what limits it on a small host: botocore spends about three times the CPU of
@@ -15,9 +15,9 @@ a correct Content-MD5, so a minio release that changes this fails the tests.
 
 from urllib.parse import urlsplit
 
-import boto3
 import urllib3
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.credentials.credentials import Credentials
 from minio.credentials.providers import Provider
 from minio.error import S3Error
@@ -32,6 +32,8 @@ class Boto3ChainProvider(Provider):
     role), resolved by boto3 and refreshed when it expires."""
 
     def __init__(self):
+        import boto3  # only for iamauto: its credential chain is the standard one
+
         self.session = boto3.session.Session()
 
     def retrieve(self):
@@ -113,3 +115,14 @@ def get(client, bucket, key):
         if response is not None:
             response.close()
             response.release_conn()
+
+
+def delete(client, bucket, keys):
+    """DeleteObjects (minio sends Content-MD5 with it); {key: reason} of the failures."""
+    try:
+        return {error.name: f"{error.code}: {error.message}"
+                for error in client.remove_objects(bucket, [DeleteObject(key) for key in keys])}
+    except S3Error as exc:
+        raise HotPathError(exc.code, exc.message) from None
+    except urllib3.exceptions.HTTPError as exc:
+        raise HotPathError(type(exc).__name__, str(exc).splitlines()[0]) from None

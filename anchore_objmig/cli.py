@@ -155,7 +155,7 @@ def build_parser():
     migrate.add_argument("--dry-run", action="store_true", help="print what would be moved (per bucket and user) and change nothing")
     migrate.add_argument("--join", action="store_true", help="help a migration of the same locations running on another host")
     migrate.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N", help="worker processes (default: the number of CPUs)")
-    migrate.add_argument("--io-threads", type=positive_int, default=8, metavar="N", help="network threads per worker (default 8)")
+    migrate.add_argument("--io-threads", type=positive_int, default=32, metavar="N", help="network threads per worker (default 32)")
     migrate.add_argument("--batch-size", type=positive_int, default=500, metavar="N", help="documents per batch (default 500)")
     migrate.add_argument("--shard-size", type=positive_int, default=5000, metavar="N", help="at most N documents per shard (default 5000)")
     migrate.add_argument(

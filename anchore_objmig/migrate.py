@@ -39,7 +39,7 @@ class MigrateOptions:
     ask: bool = True
     buckets: tuple = ()
     workers: int = 1
-    io_threads: int = 8
+    io_threads: int = 32
     batch_size: int = 500
     shard_documents: int = plan.DEFAULT_SHARD_DOCUMENTS
     shard_bytes: int = plan.DEFAULT_SHARD_BYTES

@@ -50,7 +50,7 @@ class WorkerSpec:
     delete_source: bool = True
     batch_size: int = 500
     batch_bytes: int = 64 * 1024 * 1024
-    io_threads: int = 8
+    io_threads: int = 32
     multipart_threshold: int = 8 * 1024 * 1024
 
 

@@ -91,14 +91,20 @@ def store(conn, location, docs):
     conn.commit() if not conn.autocommit else None
 
 
+def db_text(data):
+    """archive_document.jsondata and b64_encoded for stored bytes, as Anchore's
+    db driver writes them: UTF-8 text as is, anything else base64 (MIME style)."""
+    if b"\x00" not in data:
+        try:
+            return data.decode("utf-8"), False
+        except UnicodeDecodeError:
+            pass
+    return base64.encodebytes(data).decode("ascii"), True
+
+
 def write_bytes(conn, location, doc, url, data, now):
     if location.driver == "db":
-        try:
-            text, b64 = data.decode("utf-8"), False
-            if "\x00" in text:
-                raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL")
-        except UnicodeDecodeError:
-            text, b64 = base64.encodebytes(data).decode("ascii"), True
+        text, b64 = db_text(data)
         conn.execute(
             """INSERT INTO archive_document (bucket, "archiveId", "userId", "documentName", jsondata, b64_encoded,
                created_at, last_updated, record_state_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'active')""",

@@ -1,0 +1,146 @@
+"""The raw PUT ceiling: how fast plain parallel PUTs store the same bytes.
+
+No database, no decoding, no checks beyond the HTTP status: several
+processes (the signing and HTTP parsing are CPU work under the GIL) each run
+many threads (the waits are network). Every thread takes the next object from
+one counter shared by all processes, largest objects first, so a few huge
+documents cannot leave one process working alone at the end.
+
+The objects are handed to the processes by fork (copy-on-write), before the
+clock starts; the clock runs from "go" to the last process finishing.
+"""
+
+import io
+import multiprocessing
+import resource
+import threading
+import time
+
+# fork, not spawn: the children inherit ITEMS without copying or pickling.
+_fork = multiprocessing.get_context("fork")
+ITEMS = []  # [(key, bytes)], set by put_ceiling before the processes start
+SINGLE_PUT_LIMIT = 64 * 1024 * 1024  # minio: objects up to this go up in one PUT (fastest locally)
+
+
+def minio_client(endpoint, access_key, secret_key, threads):
+    import urllib3
+    from minio import Minio
+
+    # One pooled connection per thread; minio's default pool (10) would make
+    # threads open and throw away connections.
+    http = urllib3.PoolManager(
+        maxsize=threads,
+        timeout=urllib3.Timeout(connect=10, read=120),
+        retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+    )
+    host = endpoint.split("://", 1)[1]
+    client = Minio(host, access_key, secret_key, secure=False, region="us-east-1", http_client=http)
+
+    def put(bucket, key, data):
+        client.put_object(bucket, key, io.BytesIO(data), len(data),
+                          content_type="binary/octet-stream", part_size=SINGLE_PUT_LIMIT)
+
+    return put
+
+
+def boto3_client(endpoint, access_key, secret_key, threads):
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+        region_name="us-east-1",
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                      request_checksum_calculation="when_required", response_checksum_validation="when_required",
+                      max_pool_connections=threads, retries={"mode": "standard", "max_attempts": 3}),
+    )
+
+    def put(bucket, key, data):
+        client.put_object(Bucket=bucket, Key=key, Body=data, ContentType="binary/octet-stream")
+
+    return put
+
+
+CLIENTS = {"minio": minio_client, "boto3": boto3_client}
+
+
+def uploader(kind, endpoint, access_key, secret_key, bucket, threads, counter, ready, go, results):
+    """One process: `threads` threads PUTting ITEMS[counter++] until none is left."""
+    put = CLIENTS[kind](endpoint, access_key, secret_key, threads)
+    done = [0, 0]  # objects, bytes
+    errors = []
+    lock = threading.Lock()
+
+    def work():
+        go.wait()
+        while True:
+            with counter.get_lock():
+                index = counter.value
+                counter.value += 1
+            if index >= len(ITEMS):
+                return
+            key, data = ITEMS[index]
+            try:
+                put(bucket, key, data)
+            except Exception as exc:
+                with lock:
+                    errors.append(f"{key}: {type(exc).__name__}: {exc}")
+                continue
+            with lock:
+                done[0] += 1
+                done[1] += len(data)
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
+    for thread in workers:
+        thread.start()
+    cpu_before = cpu_seconds()
+    ready.release()
+    for thread in workers:
+        thread.join()
+    results.put((done[0], done[1], errors[:5], len(errors), cpu_seconds() - cpu_before))
+
+
+def cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def put_ceiling(kind, endpoint, access_key, secret_key, bucket, items, processes, threads, timeout):
+    """(seconds, objects, bytes, CPU seconds the uploaders used) to PUT every (key, bytes) of `items`
+    with `processes` x `threads` uploaders."""
+    global ITEMS
+    ITEMS = sorted(items, key=lambda item: len(item[1]), reverse=True)
+    counter = _fork.Value("q", 0)
+    ready = _fork.Semaphore(0)
+    go = _fork.Event()
+    results = _fork.Queue()
+    procs = [
+        _fork.Process(target=uploader, name=f"put-{kind}-{n}",
+                      args=(kind, endpoint, access_key, secret_key, bucket, threads, counter, ready, go, results))
+        for n in range(processes)
+    ]
+    try:
+        for proc in procs:
+            proc.start()
+        for _ in procs:  # every process has its client and threads: start the clock
+            if not ready.acquire(timeout=60):
+                raise RuntimeError(f"{kind} uploader processes did not start")
+        started = time.perf_counter()
+        go.set()
+        outcomes = [results.get(timeout=timeout) for _ in procs]
+        seconds = time.perf_counter() - started
+        for proc in procs:
+            proc.join(10)
+    finally:
+        for proc in procs:  # on timeout or Ctrl-C: stop our own children, by their handle
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        ITEMS = []
+    objects = sum(o[0] for o in outcomes)
+    nbytes = sum(o[1] for o in outcomes)
+    failed = sum(o[3] for o in outcomes)
+    if failed or objects != len(items):
+        samples = [e for o in outcomes for e in o[2]]
+        raise RuntimeError(f"{kind} ceiling: {objects}/{len(items)} objects stored, {failed} failed: {samples[:3]}")
+    return seconds, objects, nbytes, sum(o[4] for o in outcomes)

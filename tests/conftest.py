@@ -125,14 +125,8 @@ class S3:
 
 @pytest.fixture(params=S3_KINDS)
 def s3(request):
+    """Every test that touches S3 runs once per server kind: the compatibility matrix."""
     return S3(request.param, s3_server(request.param))
-
-
-@pytest.fixture
-def seaweed():
-    """SeaweedFS only, for tests that need one S3 server but not the matrix."""
-    kind = "seaweedfs" if "seaweedfs" in S3_KINDS else S3_KINDS[0]
-    return S3(kind, s3_server(kind))
 
 
 class Cli:

@@ -36,9 +36,9 @@ def test_check_refuses_when_both_test_ids_exist(db, cli, tmp_path):
     assert_all_readable(db, None, docs)
 
 
-def test_check_analysis_archive_section(db, seaweed, cli, tmp_path):
-    bucket = seaweed.new_bucket()
-    config = write_config(tmp_path / "config.yaml", section("db"), analysis_archive=section("s3", seaweed.driver_config(bucket)))
+def test_check_analysis_archive_section(db, s3, cli, tmp_path):
+    bucket = s3.new_bucket()
+    config = write_config(tmp_path / "config.yaml", section("db"), analysis_archive=section("s3", s3.driver_config(bucket)))
     result = cli("check", config, "--analysis-archive")
     assert result.returncode == 0, result.stderr
     assert "analysis_archive" in result.stdout
@@ -70,12 +70,12 @@ def test_check_wrong_secret_key(db, s3, cli, tmp_path):
     assert len(result.stderr.strip().splitlines()) <= 2
 
 
-def test_list_migrations_shows_history(db, seaweed, cli, tmp_path):
+def test_list_migrations_shows_history(db, s3, cli, tmp_path):
     docs = anchore_sim.make_docs(7)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
     assert cli("migrate", source, dest, "--dontask").returncode == 0
     result = cli("list-migrations")
     assert result.returncode == 0, result.stderr
@@ -92,30 +92,30 @@ def test_list_drivers(cli):
     assert names[:4] == ["db", "db2", "localfs", "s3"] and "swift" in names
 
 
-def test_prompt_answered_no_changes_nothing(db, seaweed, cli, tmp_path):
+def test_prompt_answered_no_changes_nothing(db, s3, cli, tmp_path):
     docs = anchore_sim.make_docs(5)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
     result = cli("migrate", source, dest, input="n\n")
     assert "proceed? (y/N)" in result.stderr
     assert result.returncode == 2
     assert all(url.startswith("db://") for url in urls(db))
     assert task_rows(db) == []
-    assert seaweed.keys(bucket) == []
+    assert s3.keys(bucket) == []
 
     result = cli("migrate", source, dest, input="y\n")
     assert result.returncode == 0, result.stderr
     assert all(url.startswith("s3://") for url in urls(db))
 
 
-def test_second_migration_is_refused_while_lock_is_held(db, seaweed, cli, tmp_path, schema_ready):
+def test_second_migration_is_refused_while_lock_is_held(db, s3, cli, tmp_path, schema_ready):
     docs = anchore_sim.make_docs(5)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
     with psycopg.connect(schema_ready, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(2, 1)")  # as anchore-manager does
         result = cli("migrate", source, dest, "--dontask", timeout=60)
@@ -125,14 +125,14 @@ def test_second_migration_is_refused_while_lock_is_held(db, seaweed, cli, tmp_pa
     assert task_rows(db) == []
 
 
-def test_digest_mismatch_fails_the_run_and_names_the_document(db, seaweed, cli, tmp_path):
+def test_digest_mismatch_fails_the_run_and_names_the_document(db, s3, cli, tmp_path):
     docs = anchore_sim.make_docs(20)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
     bad = docs[3]
     db.execute("""UPDATE archive_document SET jsondata = jsondata || ' ' WHERE "archiveId" = %s""", (bad.archive_id,))
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
     result = cli("migrate", source, dest, "--dontask")
     assert result.returncode == 1
     assert bad.archive_id in result.stderr and "digest mismatch" in result.stderr
@@ -142,22 +142,37 @@ def test_digest_mismatch_fails_the_run_and_names_the_document(db, seaweed, cli, 
     assert row[0].startswith("db://")  # untouched, still at its source
     good = [d for d in docs if d is not bad]
     assert sum(1 for url in urls(db) if url.startswith("s3://")) == len(good)
-    assert len(seaweed.keys(bucket)) == len(good)
+    assert len(s3.keys(bucket)) == len(good)
     # every other document reads back; the bad one still fails Anchore's own check, as before
-    assert_all_readable(db, seaweed.client, good, skip={bad.archive_id})
+    assert_all_readable(db, s3.client, good, skip={bad.archive_id})
 
 
-def test_missing_source_document_fails_the_run(db, seaweed, cli, tmp_path):
+def test_missing_source_document_fails_the_run(db, s3, cli, tmp_path):
     docs = anchore_sim.make_docs(6)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
     gone = docs[0]
     db.execute('DELETE FROM archive_document WHERE "archiveId" = %s', (gone.archive_id,))
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
     result = cli("migrate", source, dest, "--dontask")
     assert result.returncode == 1
     assert gone.archive_id in result.stderr
     assert task_rows(db)[0][0] == "failed"
-    assert_all_readable(db, seaweed.client, docs[1:], skip={gone.archive_id})
-    assert len(seaweed.keys(bucket)) == 5
+    assert_all_readable(db, s3.client, docs[1:], skip={gone.archive_id})
+    assert len(s3.keys(bucket)) == 5
+
+
+def test_db_connect_as_keyword_string_or_environment(db, cli, schema_ready):
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(schema_ready)
+    keywords = (f"host={parts.hostname} port={parts.port} user={parts.username} "
+                f"password={parts.password} dbname={parts.path.lstrip('/')}")
+    result = cli("--db-connect", keywords, "list-migrations", db=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("id")
+    from_env = cli("list-migrations", db=False, env={"ANCHORE_OBJMIG_DB_CONNECT": schema_ready})
+    assert from_env.returncode == 0, from_env.stderr
+    wrong = cli("--db-connect", keywords.replace(parts.password, "nope"), "--db-retries", "0", "list-migrations", db=False)
+    assert wrong.returncode == 1 and parts.password not in wrong.stderr and "password=***" not in wrong.stdout

@@ -68,19 +68,19 @@ def test_killed_db_to_s3_then_rerun_finishes(db, s3, cli, tmp_path, point):
 
 
 @pytest.mark.parametrize("point", ["after-read:2", "after-commit:2", "after-delete:3", "s3-put:5"])
-def test_killed_s3_to_db_then_rerun_finishes(db, seaweed, cli, tmp_path, point):
-    bucket = seaweed.new_bucket()
+def test_killed_s3_to_db_then_rerun_finishes(db, s3, cli, tmp_path, point):
+    bucket = s3.new_bucket()
     docs = anchore_sim.make_docs(120, seed=5, large_share=0.1)
-    anchore_sim.store(db, seaweed.location(bucket, compress=True), docs)
-    other = seaweed.new_bucket()
-    source = write_config(tmp_path / "a.yaml", section("s3", seaweed.driver_config(bucket), compress=True))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(other, prefix="p/")))
+    anchore_sim.store(db, s3.location(bucket, compress=True), docs)
+    other = s3.new_bucket()
+    source = write_config(tmp_path / "a.yaml", section("s3", s3.driver_config(bucket), compress=True))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(other, prefix="p/")))
     args = ["migrate", source, dest, "--dontask", "--workers", "2", "--batch-size", "10", "--shard-size", "30"]
     killed = cli(*args, env={"OBJMIG_CRASH_AT": point})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert_all_readable(db, seaweed.client, docs)
+    assert_all_readable(db, s3.client, docs)
     rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr
-    assert_all_readable(db, seaweed.client, docs)
-    assert seaweed.keys(bucket) == []
-    assert len(seaweed.keys(other)) == len(docs)
+    assert_all_readable(db, s3.client, docs)
+    assert s3.keys(bucket) == []
+    assert len(s3.keys(other)) == len(docs)

@@ -64,12 +64,12 @@ def test_large_groups_are_also_split_by_bytes(db):
     assert len(shards) >= 5
 
 
-def test_progress_table_and_workers(db, seaweed, cli, tmp_path):
+def test_progress_table_and_workers(db, s3, cli, tmp_path):
     docs = anchore_sim.make_docs(300, seed=34)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
     result = cli("migrate", source, dest, "--dontask", "--workers", "2", "--shard-size", "20", "--batch-size", "8")
     assert result.returncode == 0, result.stderr
     shards = db.execute("SELECT state, documents_done, worker, host FROM objmig_shards").fetchall()
@@ -79,16 +79,16 @@ def test_progress_table_and_workers(db, seaweed, cli, tmp_path):
     assert len({row[2] for row in shards}) == 2  # two worker processes shared the shards
     assert all(row[3] for row in shards)
     assert db.execute("SELECT state FROM objmig_runs").fetchall() == [("complete",)]
-    assert_all_readable(db, seaweed.client, docs)
+    assert_all_readable(db, s3.client, docs)
 
 
-def test_task_row_shows_live_progress(db, seaweed, cli, tmp_path, schema_ready):
+def test_task_row_shows_live_progress(db, s3, cli, tmp_path, schema_ready):
     docs = anchore_sim.make_docs(120, seed=35)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
-    bucket = seaweed.new_bucket()
-    with FaultProxy(seaweed.endpoint) as proxy:
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
         proxy.add(Rule("delay", method="PUT", delay=0.03, times=None))
-        config = seaweed.driver_config(bucket)
+        config = s3.driver_config(bucket)
         config["url"] = proxy.endpoint
         source = write_config(tmp_path / "a.yaml", section("db"))
         dest = write_config(tmp_path / "b.yaml", section("s3", config))
@@ -128,13 +128,13 @@ def test_large_documents_go_up_in_parts(db, s3, cli, tmp_path):
     assert_all_readable(db, s3.client, docs)
 
 
-def test_join_shares_a_running_migration(db, seaweed, cli, tmp_path, schema_ready):
+def test_join_shares_a_running_migration(db, s3, cli, tmp_path, schema_ready):
     docs = anchore_sim.make_docs(160, seed=37)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
-    bucket = seaweed.new_bucket()
-    with FaultProxy(seaweed.endpoint) as proxy:
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
         proxy.add(Rule("delay", method="PUT", delay=0.03, times=None))  # long enough to join
-        config = seaweed.driver_config(bucket)
+        config = s3.driver_config(bucket)
         config["url"] = proxy.endpoint
         source = write_config(tmp_path / "a.yaml", section("db"))
         dest = write_config(tmp_path / "b.yaml", section("s3", config))
@@ -156,8 +156,8 @@ def test_join_shares_a_running_migration(db, seaweed, cli, tmp_path, schema_read
     workers = {row[0] for row in db.execute("SELECT DISTINCT worker FROM objmig_shards WHERE state = 'done'")}
     assert len(workers) == 2, workers  # both processes moved shards
     assert task_rows(db) == [("complete", "running", "db", "s3", len(docs), len(docs), True)]
-    assert_all_readable(db, seaweed.client, docs)
-    assert len(seaweed.keys(bucket)) == len(docs)
+    assert_all_readable(db, s3.client, docs)
+    assert len(s3.keys(bucket)) == len(docs)
 
 
 def test_join_without_a_running_migration(db, cli, tmp_path):

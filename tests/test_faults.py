@@ -39,18 +39,18 @@ def test_transient_s3_faults_are_retried(db, s3, cli, tmp_path):
     assert s3.keys(bucket) == []
 
 
-def test_read_timeout_is_retried(db, seaweed, cli, tmp_path):
-    bucket = seaweed.new_bucket()
+def test_read_timeout_is_retried(db, s3, cli, tmp_path):
+    bucket = s3.new_bucket()
     docs = anchore_sim.make_docs(10, seed=22)
-    anchore_sim.store(db, seaweed.location(bucket), docs)
-    with FaultProxy(seaweed.endpoint) as proxy:
+    anchore_sim.store(db, s3.location(bucket), docs)
+    with FaultProxy(s3.endpoint) as proxy:
         proxy.add(Rule("delay", method="GET", path=docs[0].archive_id.split(":")[1], delay=3, times=1))
-        source = write_config(tmp_path / "a.yaml", section("s3", through_proxy(seaweed, proxy, bucket, read_timeout=1)))
+        source = write_config(tmp_path / "a.yaml", section("s3", through_proxy(s3, proxy, bucket, read_timeout=1)))
         dest = write_config(tmp_path / "b.yaml", section("db"))
         result = cli("migrate", source, dest, "--dontask", "--workers", "1")
         assert result.returncode == 0, result.stderr
         assert proxy.rules[0].fired == 1
-    assert_all_readable(db, seaweed.client, docs)
+    assert_all_readable(db, s3.client, docs)
     assert all(url.startswith("db://") for url in urls(db))
 
 
@@ -97,15 +97,15 @@ def test_unreachable_s3_endpoint_changes_nothing(db, cli, tmp_path):
     assert all(url.startswith("db://") for url in urls(db))
 
 
-def test_worker_connection_killed_mid_run(db, seaweed, cli, tmp_path, schema_ready):
+def test_worker_connection_killed_mid_run(db, s3, cli, tmp_path, schema_ready):
     docs = anchore_sim.make_docs(200, seed=24)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
-    bucket = seaweed.new_bucket()
-    with FaultProxy(seaweed.endpoint) as proxy:
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
         # slow uploads keep the run going long enough to kill its connections
         proxy.add(Rule("delay", method="PUT", delay=0.02, times=None))
         source = write_config(tmp_path / "a.yaml", section("db"))
-        dest = write_config(tmp_path / "b.yaml", section("s3", through_proxy(seaweed, proxy, bucket)))
+        dest = write_config(tmp_path / "b.yaml", section("s3", through_proxy(s3, proxy, bucket)))
         killed = []
 
         def kill_worker_connections():
@@ -131,9 +131,9 @@ def test_worker_connection_killed_mid_run(db, seaweed, cli, tmp_path, schema_rea
     assert "database connection lost" in result.stderr
     if result.returncode != 0:  # a shard that ran out of attempts: the rerun completes
         assert cli("migrate", source, dest, "--dontask").returncode == 0
-    assert_all_readable(db, seaweed.client, docs)
+    assert_all_readable(db, s3.client, docs)
     assert all(url.startswith("s3://") for url in urls(db))
-    assert len(seaweed.keys(bucket)) == len(docs)
+    assert len(s3.keys(bucket)) == len(docs)
 
 
 def test_every_write_carries_a_correct_content_md5(db, s3, cli, tmp_path):
@@ -176,4 +176,21 @@ def test_bytes_corrupted_in_transit_are_refused_and_kept_at_source(db, s3, cli, 
     assert victim.archive_id.split(":")[1] not in " ".join(s3.keys(bucket))  # never stored
     row = db.execute('SELECT content_url FROM archive_metadata WHERE "archiveId" = %s', (victim.archive_id,)).fetchone()
     assert row[0].startswith("db://")
+    assert_all_readable(db, s3.client, docs)
+
+
+def test_every_object_request_stays_under_the_prefix(db, s3, cli, tmp_path):
+    """A prefix-scoped IAM policy is enough: the start-up probe and the check
+    document go under the configured prefix, never at the bucket root."""
+    docs = anchore_sim.make_docs(5, seed=27)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
+        dest = write_config(tmp_path / "b.yaml", section("s3", through_proxy(s3, proxy, bucket, prefix="tenant-a/")))
+        assert cli("check", dest).returncode == 0
+        source = write_config(tmp_path / "a.yaml", section("db"))
+        assert cli("migrate", source, dest, "--dontask").returncode == 0
+    object_requests = [path for method, path, _, _ in proxy.seen if method in ("PUT", "GET", "DELETE")]
+    assert any(".anchore-objmig-probe/" in path for path in object_requests)
+    assert all(path.startswith(f"/{bucket}/tenant-a/") for path in object_requests), object_requests
     assert_all_readable(db, s3.client, docs)

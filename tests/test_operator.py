@@ -262,13 +262,13 @@ def test_none_mode_shows_nothing(caplog):
     assert stream.getvalue() == "" and not [r for r in caplog.records if r.name == "anchore_objmig.display"]
 
 
-def test_migrate_progress_bar_on_a_terminal(db, seaweed, cli, tmp_path):
+def test_migrate_progress_bar_on_a_terminal(db, s3, cli, tmp_path):
     """End to end: a real migration with --progress bar redraws its line in place."""
     docs = anchore_sim.make_docs(40)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
     command = [sys.executable, "-m", "anchore_objmig", "--db-connect", cli.dsn,
                "migrate", source, dest, "--dontask", "--progress", "bar"]
     status, stdout, screen = run_on_terminal(command)
@@ -277,15 +277,15 @@ def test_migrate_progress_bar_on_a_terminal(db, seaweed, cli, tmp_path):
     assert lines, f"no in-place redraw on the terminal:\n{screen!r}"
     assert "40/40 documents" in lines[-1] and "0 failed" in lines[-1]
     assert "object_store:" in stdout
-    assert_all_readable(db, seaweed.client, docs)
+    assert_all_readable(db, s3.client, docs)
 
 
-def test_verify_progress_bar_on_a_terminal(db, seaweed, cli, tmp_path):
+def test_verify_progress_bar_on_a_terminal(db, s3, cli, tmp_path):
     """End to end: verify with --progress bar redraws its line in place."""
-    bucket = seaweed.new_bucket()
-    s3_docs, _ = seed_s3_and_db(db, seaweed.client, bucket, s3_count=30, db_count=0)
+    bucket = s3.new_bucket()
+    s3_docs, _ = seed_s3_and_db(db, s3.client, bucket, s3_count=30, db_count=0)
     command = [sys.executable, "-m", "anchore_objmig", "--db-connect", cli.dsn, "verify",
-               s3_config(tmp_path, seaweed, bucket), "--workers", "2", "--progress", "bar"]
+               s3_config(tmp_path, s3, bucket), "--workers", "2", "--progress", "bar"]
     status, stdout, screen = run_on_terminal(command)
     assert status == 0, screen
     lines = [line for line in REDRAW.findall(screen) if line]
@@ -360,12 +360,12 @@ def test_metrics_readers_never_see_a_partial_file(tmp_path):
     assert os.listdir(tmp_path) == ["objmig.prom"]
 
 
-def test_migrate_writes_its_metrics_file(db, seaweed, cli, tmp_path):
+def test_migrate_writes_its_metrics_file(db, s3, cli, tmp_path):
     """End to end: migrate --metrics-file (needs migrate.finish() to call metrics.record)."""
     docs, bad = seed_with_one_bad(db, count=12)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
     prom = tmp_path / "textfile" / "objmig.prom"
     prom.parent.mkdir()
     assert cli("migrate", source, dest, "--dontask", "--metrics-file", prom).returncode == 1
@@ -420,10 +420,10 @@ def test_verify_clean_store(db, s3, cli, tmp_path):
     assert verified(result.stdout) == (len(db_docs), len(db_docs), 0)
 
 
-def test_verify_names_every_bad_document(db, seaweed, cli, tmp_path):
-    bucket = seaweed.new_bucket()
-    s3_docs, db_docs = seed_s3_and_db(db, seaweed.client, bucket)
-    client = seaweed.client
+def test_verify_names_every_bad_document(db, s3, cli, tmp_path):
+    bucket = s3.new_bucket()
+    s3_docs, db_docs = seed_s3_and_db(db, s3.client, bucket)
+    client = s3.client
     compressed = [d for d in s3_docs if metadata_row(db, d)[1]]
     plain = [d for d in s3_docs if not metadata_row(db, d)[1]]
     flipped, unzippable, resized, deleted = plain[0], compressed[0], plain[1], plain[2]
@@ -444,7 +444,7 @@ def test_verify_names_every_bad_document(db, seaweed, cli, tmp_path):
     client.delete_object(Bucket=bucket, Key=s3_key(metadata_row(db, deleted)[0]))
 
     prom = tmp_path / "verify.prom"
-    result = cli("verify", s3_config(tmp_path, seaweed, bucket), "--workers", "2", "--metrics-file", prom)
+    result = cli("verify", s3_config(tmp_path, s3, bucket), "--workers", "2", "--metrics-file", prom)
     assert result.returncode == 1, result.stderr
     assert verified(result.stdout) == (len(s3_docs), len(s3_docs) - 4, 4)
     lines = bad_lines(result.stderr)
@@ -468,13 +468,13 @@ def test_verify_names_every_bad_document(db, seaweed, cli, tmp_path):
     assert f"db://{label(victim)}" in lines[0]
 
 
-def test_verify_bucket_option_limits_the_documents(db, seaweed, cli, tmp_path):
-    bucket = seaweed.new_bucket()
-    s3_docs, _ = seed_s3_and_db(db, seaweed.client, bucket, s3_count=60)
+def test_verify_bucket_option_limits_the_documents(db, s3, cli, tmp_path):
+    bucket = s3.new_bucket()
+    s3_docs, _ = seed_s3_and_db(db, s3.client, bucket, s3_count=60)
     broken = s3_docs[0]
-    seaweed.client.delete_object(Bucket=bucket, Key=s3_key(metadata_row(db, broken)[0]))
+    s3.client.delete_object(Bucket=bucket, Key=s3_key(metadata_row(db, broken)[0]))
     others = sorted({d.bucket for d in s3_docs} - {broken.bucket})[:2]
-    config = s3_config(tmp_path, seaweed, bucket)
+    config = s3_config(tmp_path, s3, bucket)
 
     result = cli("verify", config, "--bucket", others[0], "--bucket", others[1])
     assert result.returncode == 0, result.stderr
@@ -488,19 +488,19 @@ def test_verify_bucket_option_limits_the_documents(db, seaweed, cli, tmp_path):
     assert len(bad_lines(result.stderr)) == 1 and label(broken) in result.stderr
 
 
-def test_verify_does_not_blame_documents_changed_while_it_reads(db, seaweed, schema_ready, tmp_path):
+def test_verify_does_not_blame_documents_changed_while_it_reads(db, s3, schema_ready, tmp_path):
     """Anchore may be running: a row rewritten or removed between reading it
     and reading its bytes is looked up again, not reported as bad."""
-    bucket = seaweed.new_bucket()
-    seed_s3_and_db(db, seaweed.client, bucket, s3_count=8, db_count=0)
-    store = load_store_config(s3_config(tmp_path, seaweed, bucket))
+    bucket = s3.new_bucket()
+    seed_s3_and_db(db, s3.client, bucket, s3_count=8, db_count=0)
+    store = load_store_config(s3_config(tmp_path, s3, bucket))
     verifier = verify.Verifier(verify.VerifySpec(DbSettings(to_conninfo(schema_ready)), store, (), 100, 2))
     try:
         rows = [DocRow(*row) for row in db.execute(
             'SELECT bucket, "archiveId", "userId", "documentName", content_url, is_compressed, digest, size '
             'FROM archive_metadata ORDER BY "archiveId"')]
         moved, removed, rewritten, broken = rows[:4]
-        client = seaweed.client
+        client = s3.client
         # moved out of this location (e.g. migrated to db) after we read its row
         db.execute('UPDATE archive_metadata SET content_url = %s WHERE "archiveId" = %s',
                    (f"db://{moved.label}", moved.archive_id))
@@ -525,29 +525,29 @@ def test_verify_does_not_blame_documents_changed_while_it_reads(db, seaweed, sch
     assert report.good == len(rows) - 3  # the rewritten document was checked again, and is good
 
 
-def test_verify_changes_nothing(db, seaweed, cli, tmp_path):
-    bucket = seaweed.new_bucket()
-    s3_docs, _ = seed_s3_and_db(db, seaweed.client, bucket)
+def test_verify_changes_nothing(db, s3, cli, tmp_path):
+    bucket = s3.new_bucket()
+    s3_docs, _ = seed_s3_and_db(db, s3.client, bucket)
     # history and a broken document, so that every path of verify runs
     db.execute("INSERT INTO tasks (state, last_state, type) VALUES ('complete', 'running', 'archivemigrationtask')")
     db.execute('UPDATE archive_metadata SET size = size + 1 WHERE "archiveId" = %s', (s3_docs[5].archive_id,))
-    tables, picture, objects = table_names(db), dump_tables(db), s3_objects(seaweed.client, bucket)
+    tables, picture, objects = table_names(db), dump_tables(db), s3_objects(s3.client, bucket)
 
     for workers in ("1", "2"):
-        result = cli("verify", s3_config(tmp_path, seaweed, bucket), "--workers", workers,
+        result = cli("verify", s3_config(tmp_path, s3, bucket), "--workers", workers,
                      "--metrics-file", tmp_path / "v.prom")
         assert result.returncode == 1, result.stderr
 
     assert table_names(db) == tables  # no objmig_* (or any other) table created
     assert dump_tables(db) == picture
-    assert s3_objects(seaweed.client, bucket) == objects
+    assert s3_objects(s3.client, bucket) == objects
 
 
-def test_verify_configuration_errors_exit_2(db, seaweed, cli, tmp_path):
+def test_verify_configuration_errors_exit_2(db, s3, cli, tmp_path):
     missing = cli("verify", tmp_path / "no-such-config.yaml")
     assert missing.returncode == 2 and "no such file" in missing.stderr
-    gone = seaweed.new_bucket(create=False)
-    no_bucket = cli("verify", write_config(tmp_path / "c.yaml", section("s3", seaweed.driver_config(gone))))
+    gone = s3.new_bucket(create=False)
+    no_bucket = cli("verify", write_config(tmp_path / "c.yaml", section("s3", s3.driver_config(gone))))
     assert no_bucket.returncode == 2 and gone in no_bucket.stderr
     no_dir = cli("verify", write_config(tmp_path / "d.yaml", section("db")),
                  "--metrics-file", tmp_path / "no-such-dir" / "m.prom")
@@ -567,11 +567,11 @@ def seed_with_one_bad(db, count=30):
     return docs, bad
 
 
-def test_log_format_json_every_stderr_line(db, seaweed, cli, tmp_path):
+def test_log_format_json_every_stderr_line(db, s3, cli, tmp_path):
     docs, bad = seed_with_one_bad(db)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
     migrate = cli("--log-format", "json", "migrate", source, dest, "--dontask", "--workers", "2")
     verify = cli("--log-format", "json", "verify", source)
     for result in (migrate, verify):
@@ -587,11 +587,11 @@ def test_log_format_json_every_stderr_line(db, seaweed, cli, tmp_path):
     assert len(named) == 1 and named[0]["archive_id"] == bad.archive_id and "digest mismatch" in named[0]["reason"]
 
 
-def test_quiet_leaves_only_warnings_and_errors(db, seaweed, cli, tmp_path):
+def test_quiet_leaves_only_warnings_and_errors(db, s3, cli, tmp_path):
     docs, bad = seed_with_one_bad(db)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
     result = cli("--quiet", "--log-format", "json", "migrate", source, dest, "--dontask", "--workers", "2")
     assert result.returncode == 1
     levels = [json.loads(line)["level"] for line in result.stderr.splitlines()]
@@ -607,17 +607,17 @@ def test_quiet_leaves_only_warnings_and_errors(db, seaweed, cli, tmp_path):
         match = TEXT_LOG_LINE.match(line)
         assert match is None or match.group(1) in ("WARNING", "ERROR", "CRITICAL"), line
     assert " INFO " not in result.stderr
-    assert_all_readable(db, seaweed.client, docs)
+    assert_all_readable(db, s3.client, docs)
 
 
-def test_dry_run_reports_and_changes_nothing(db, seaweed, cli, tmp_path):
+def test_dry_run_reports_and_changes_nothing(db, s3, cli, tmp_path):
     docs = anchore_sim.make_docs(80, seed=41, large_share=0.2)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
     elsewhere = anchore_sim.make_docs(5, seed=42)  # not at the source: not counted
     anchore_sim.store(db, anchore_sim.Location("db2"), elsewhere)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket), compress=True))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket), compress=True))
     tables = table_names(db)
     picture = dump_tables(db)
 
@@ -645,7 +645,7 @@ def test_dry_run_reports_and_changes_nothing(db, seaweed, cli, tmp_path):
     assert table_names(db) == tables
     assert dump_tables(db) == picture
     assert task_rows(db) == []
-    assert seaweed.keys(bucket) == []
+    assert s3.keys(bucket) == []
 
     # and the real run does what the dry run said
     result = cli("migrate", source, dest, "--dontask", "--shard-size", "7")
@@ -655,13 +655,13 @@ def test_dry_run_reports_and_changes_nothing(db, seaweed, cli, tmp_path):
     assert db.execute("SELECT count(*) FROM archive_metadata WHERE is_compressed").fetchone()[0] == large
 
 
-def test_no_secret_in_any_output(db, seaweed, cli, tmp_path):
+def test_no_secret_in_any_output(db, s3, cli, tmp_path):
     docs, bad = seed_with_one_bad(db, count=15)
-    bucket = seaweed.new_bucket()
-    secret = seaweed.secret_key
+    bucket = s3.new_bucket()
+    secret = s3.secret_key
     password = urllib.parse.urlsplit(cli.dsn).password
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))  # literal secret_key
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))  # literal secret_key
     runs = [
         cli("-v", "check", dest),
         cli("-v", "migrate", source, dest, "--dry-run"),
@@ -692,15 +692,15 @@ def test_no_secret_in_any_output(db, seaweed, cli, tmp_path):
             assert password not in output and urllib.parse.quote(password, safe="") not in output
 
 
-def test_show_secrets_prints_the_secret_in_the_snippet(db, seaweed, cli, tmp_path):
+def test_show_secrets_prints_the_secret_in_the_snippet(db, s3, cli, tmp_path):
     docs = anchore_sim.make_docs(5, seed=51)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
     result = cli("migrate", source, dest, "--dontask", "--show-secrets")
     assert result.returncode == 0, result.stderr
     snippet = yaml.safe_load(result.stdout.split("\n", 1)[1].split("\nNote:")[0])
-    assert snippet["object_store"]["storage_driver"]["config"]["secret_key"] == seaweed.secret_key
+    assert snippet["object_store"]["storage_driver"]["config"]["secret_key"] == s3.secret_key
     assert "<redacted>" not in result.stdout
     assert all(url.startswith("s3://") for url in urls(db))

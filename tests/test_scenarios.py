@@ -71,16 +71,16 @@ def test_nodelete_keeps_source_copies(db, s3, cli, tmp_path):
     assert len(s3.keys(bucket)) == len(docs)
 
 
-def test_bucket_option_limits_to_logical_buckets(db, seaweed, cli, tmp_path):
+def test_bucket_option_limits_to_logical_buckets(db, s3, cli, tmp_path):
     docs = seed(db, anchore_sim.Location("db"), count=60)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
     chosen = {"analysis_data", "manifest_data"}
     args = ["migrate", source, dest, "--dontask"] + [f"--bucket={name}" for name in sorted(chosen)]
     result = cli(*args)
     assert result.returncode == 0, result.stderr
-    assert_all_readable(db, seaweed.client, docs)
+    assert_all_readable(db, s3.client, docs)
     for bucket_name, url in db.execute("SELECT bucket, content_url FROM archive_metadata"):
         assert url.startswith("s3://" if bucket_name in chosen else "db://"), (bucket_name, url)
     moved = sum(1 for d in docs if d.bucket in chosen)
@@ -175,20 +175,20 @@ def test_localfs_layout_is_anchores(db, cli, tmp_path):
     assert urls(db) == expected
 
 
-def test_b64_encoded_documents_survive_db_moves(db, seaweed, cli, tmp_path):
+def test_b64_encoded_documents_survive_db_moves(db, s3, cli, tmp_path):
     docs = seed(db, anchore_sim.Location("db"), count=12, binary_share=1.0)
     assert db.execute("SELECT bool_and(b64_encoded) FROM archive_document").fetchone()[0]
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
     assert cli("migrate", source, dest, "--dontask").returncode == 0
-    assert_all_readable(db, seaweed.client, docs)
+    assert_all_readable(db, s3.client, docs)
     assert cli("migrate", dest, source, "--dontask").returncode == 0
-    assert_all_readable(db, seaweed.client, docs)
+    assert_all_readable(db, s3.client, docs)
     assert db.execute("SELECT bool_and(b64_encoded) FROM archive_document").fetchone()[0]
 
 
-def test_compression_threshold_is_strictly_greater(db, seaweed, cli, tmp_path):
+def test_compression_threshold_is_strictly_greater(db, s3, cli, tmp_path):
     threshold = 1 * 1024
     docs = [
         anchore_sim.Doc("admin", "analysis_data", "at-threshold", b"a" * threshold),
@@ -196,46 +196,46 @@ def test_compression_threshold_is_strictly_greater(db, seaweed, cli, tmp_path):
         anchore_sim.Doc("admin", "analysis_data", "one-under", b"c" * (threshold - 1)),
     ]
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket), compress=True, min_size_kbytes=1))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket), compress=True, min_size_kbytes=1))
     assert cli("migrate", source, dest, "--dontask").returncode == 0
     flags = dict(db.execute('SELECT "archiveId", is_compressed FROM archive_metadata'))
     assert flags == {"at-threshold": False, "one-over": True, "one-under": False}
-    stored = seaweed.client.get_object(Bucket=bucket, Key="admin/analysis_data/one-over")["Body"].read()
+    stored = s3.client.get_object(Bucket=bucket, Key="admin/analysis_data/one-over")["Body"].read()
     assert zlib.decompress(stored) == docs[1].content
-    assert_all_readable(db, seaweed.client, docs)
+    assert_all_readable(db, s3.client, docs)
 
 
-def test_metadata_columns_preserved_except_location(db, seaweed, cli, tmp_path):
+def test_metadata_columns_preserved_except_location(db, s3, cli, tmp_path):
     docs = seed(db, anchore_sim.Location("db"), count=10)
     db.execute("UPDATE archive_metadata SET record_state_val = 'kept', document_metadata = '{\"a\": 1}'")
     before = {row[0]: row[1:] for row in db.execute(
         'SELECT "archiveId", document_metadata, created_at, record_state_key, record_state_val, last_updated FROM archive_metadata')}
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
     assert cli("migrate", source, dest, "--dontask").returncode == 0
     after = {row[0]: row[1:] for row in db.execute(
         'SELECT "archiveId", document_metadata, created_at, record_state_key, record_state_val, last_updated FROM archive_metadata')}
     for archive_id, (meta, created, key, val, updated) in after.items():
         assert (meta, created, key, val) == before[archive_id][:4]
         assert updated >= before[archive_id][4]
-    assert_all_readable(db, seaweed.client, docs)
+    assert_all_readable(db, s3.client, docs)
 
 
-def test_config_snippet_keeps_placeholders(db, seaweed, cli, tmp_path):
+def test_config_snippet_keeps_placeholders(db, s3, cli, tmp_path):
     seed(db, anchore_sim.Location("db"), count=3)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
     raw = yaml.safe_dump({"services": {"catalog": {"object_store": section("s3", {
         "access_key": "${ANCHORE_OBJ_STORAGE_ACCESS_KEY}",
         "secret_key": "${ANCHORE_OBJ_STORAGE_SECRET_KEY}",
-        "url": seaweed.endpoint, "bucket": bucket})}}})
+        "url": s3.endpoint, "bucket": bucket})}}})
     dest = write_config(tmp_path / "b.yaml", raw=raw)
-    env = {"ANCHORE_OBJ_STORAGE_ACCESS_KEY": seaweed.access_key, "ANCHORE_OBJ_STORAGE_SECRET_KEY": seaweed.secret_key}
+    env = {"ANCHORE_OBJ_STORAGE_ACCESS_KEY": s3.access_key, "ANCHORE_OBJ_STORAGE_SECRET_KEY": s3.secret_key}
     result = cli("migrate", source, dest, "--dontask", env=env)
     assert result.returncode == 0, result.stderr
     assert "${ANCHORE_OBJ_STORAGE_SECRET_KEY}" in result.stdout
-    assert seaweed.secret_key not in result.stdout + result.stderr
-    assert seaweed.access_key not in result.stdout + result.stderr
+    assert s3.secret_key not in result.stdout + result.stderr
+    assert s3.access_key not in result.stdout + result.stderr

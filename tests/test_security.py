@@ -33,13 +33,13 @@ def test_password_from_pgpassword_and_pgpass(db, cli, tmp_path, schema_ready):
     assert refused.returncode == 1 and "cannot connect to the database" in refused.stderr
 
 
-def test_password_in_url_never_printed(db, seaweed, cli, tmp_path, schema_ready):
+def test_password_in_url_never_printed(db, s3, cli, tmp_path, schema_ready):
     _, password = without_password(schema_ready)
     docs = anchore_sim.make_docs(5)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", seaweed.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
     sqlalchemy_url = schema_ready.replace("postgresql://", "postgresql+pg8000://")
     outputs = []
     for args in (("check", dest), ("migrate", source, dest, "--dontask"), ("list-migrations",),
@@ -53,8 +53,8 @@ def test_password_in_url_never_printed(db, seaweed, cli, tmp_path, schema_ready)
     assert wrong.returncode == 1
     for text in outputs:
         assert password not in text
-        assert seaweed.secret_key not in text and seaweed.access_key not in text
-    assert_all_readable(db, seaweed.client, docs)
+        assert s3.secret_key not in text and s3.access_key not in text
+    assert_all_readable(db, s3.client, docs)
 
 
 def enable_ssl(server, cert, key):
@@ -93,15 +93,15 @@ def test_database_tls_modes(cli, tmp_path, schema_ready):
     assert plain.returncode == 1 and "SSL" in plain.stderr
 
 
-def test_s3_ca_bundle_and_verify(db, seaweed, cli, tmp_path):
+def test_s3_ca_bundle_and_verify(db, s3, cli, tmp_path):
     ca, cert, key = make_certs(tmp_path)
     docs = anchore_sim.make_docs(6)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
-    with FaultProxy(seaweed.endpoint, tls=(cert, key)) as proxy:
+    with FaultProxy(s3.endpoint, tls=(cert, key)) as proxy:
         assert proxy.endpoint.startswith("https://")
-        base = seaweed.driver_config(bucket, max_attempts=1)
+        base = s3.driver_config(bucket, max_attempts=1)
         base["url"] = proxy.endpoint
         untrusted = write_config(tmp_path / "u.yaml", section("s3", base))
         result = cli("check", untrusted)
@@ -111,20 +111,20 @@ def test_s3_ca_bundle_and_verify(db, seaweed, cli, tmp_path):
         trusted = write_config(tmp_path / "t.yaml", section("s3", {**base, "ca_bundle": ca}))
         result = cli("migrate", source, trusted, "--dontask")
         assert result.returncode == 0, result.stderr
-    assert_all_readable(db, seaweed.client, docs)
+    assert_all_readable(db, s3.client, docs)
 
 
 HOSTILE_USERS = ("o'brien", 'a "quoted" user', "ünïcødé 用户", "semi;colon")
 HOSTILE_BUCKETS = ("my bucket's data", "x'); DROP TABLE archive_metadata; --", "politique_évaluations")
 
 
-def test_hostile_names_are_data(db, seaweed, cli, tmp_path):
+def test_hostile_names_are_data(db, s3, cli, tmp_path):
     docs = anchore_sim.make_docs(30, seed=41, users=HOSTILE_USERS, buckets=HOSTILE_BUCKETS)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
-    bucket = seaweed.new_bucket()
+    bucket = s3.new_bucket()
     configs = {
         "db": write_config(tmp_path / "db.yaml", section("db")),
-        "s3": write_config(tmp_path / "s3.yaml", section("s3", seaweed.driver_config(bucket, prefix="p'x/"), compress=True, min_size_kbytes=1)),
+        "s3": write_config(tmp_path / "s3.yaml", section("s3", s3.driver_config(bucket, prefix="p'x/"), compress=True, min_size_kbytes=1)),
         "db2": write_config(tmp_path / "db2.yaml", section("db2")),
         "localfs": write_config(tmp_path / "fs.yaml", section("localfs", {"archive_data_dir": str(tmp_path / "files")})),
     }
@@ -132,7 +132,7 @@ def test_hostile_names_are_data(db, seaweed, cli, tmp_path):
         result = cli("migrate", configs[source], configs[dest], "--dontask", "--bucket", HOSTILE_BUCKETS[1],
                      "--bucket", HOSTILE_BUCKETS[0], "--bucket", HOSTILE_BUCKETS[2])
         assert result.returncode == 0, result.stderr
-        assert_all_readable(db, seaweed.client, docs)
+        assert_all_readable(db, s3.client, docs)
     assert all(url.startswith("db://") for url in urls(db))
     dry = cli("migrate", configs["db"], configs["s3"], "--dry-run")
     assert dry.returncode == 0 and "o'brien" in dry.stdout

@@ -49,7 +49,7 @@ class WorkerSpec:
     buckets: tuple | None
     delete_source: bool = True
     batch_size: int = 500
-    batch_bytes: int = 64 * 1024 * 1024
+    batch_bytes: int = 32 * 1024 * 1024
     io_threads: int = 32
     multipart_threshold: int = 8 * 1024 * 1024
 

@@ -127,13 +127,14 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
         )
     source.check_access(write=False)
     dest.check_access(write=True, create=False)  # fail before asking, change nothing yet
-    progress.ensure_schema(conn)
     describe_store("from", source_store, source, options.show_secrets)
     describe_store("to", dest_store, dest, options.show_secrets)
     confirm(options.ask)
+    progress.ensure_schema(conn)
     dest.check_access(write=True)
     close_abandoned_runs(conn)
-    finish_pending_deletes(conn, source)
+    if options.delete_source:
+        finish_pending_deletes(conn, source)
 
     groups = plan.summarize(conn, where)
     shards = plan.cut_shards(conn, where, groups, options.shard_documents, options.shard_bytes)
@@ -148,7 +149,8 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
     spec = worker_spec(options, db_settings, source_store, dest_store, task_id)
     run_workers(spec, options.workers, options.log_settings, conn, task_id, options.progress)
     wait_for_other_hosts(conn, spec, options, task_id)
-    finish_pending_deletes(conn, source)
+    if options.delete_source:
+        finish_pending_deletes(conn, source)
     crash_point("before-finish")
     return finish(conn, task_id, dest_store, options, time.monotonic() - started)
 
@@ -260,6 +262,14 @@ def wait_for_other_hosts(conn, spec, options, task_id):
 def join(conn, options, db_settings, source, dest):
     """Work on the pending shards of a running migration between the same locations."""
     runs = progress.running_runs(conn, source.location, dest.location)
+    if runs and db.try_migration_lock(conn):
+        # Nobody holds the lock: the run's owner died. Joining it would work
+        # outside the lock; the same command without --join resumes it safely.
+        db.release_migration_lock(conn)
+        raise ObjmigError(
+            f"migration task {runs[-1].task_id} is marked running but no process holds the migration lock: "
+            "it stopped; run the same command without --join to finish it"
+        )
     if not runs:
         raise ObjmigError(
             f"no running migration from {source.describe()} to {dest.describe()} to join"

@@ -137,7 +137,13 @@ def running_runs(conn, source_location=None, dest_location=None):
 
 
 def finish_run(conn, task_id, state):
-    conn.execute("UPDATE objmig_runs SET state = %s, updated_at = now() WHERE task_id = %s", (state, task_id))
+    """Close a run; shards nobody finished can no longer be claimed."""
+    with conn.transaction():
+        conn.execute("UPDATE objmig_runs SET state = %s, updated_at = now() WHERE task_id = %s", (state, task_id))
+        conn.execute(
+            "UPDATE objmig_shards SET state = 'failed', error = 'run closed' WHERE task_id = %s AND state = 'pending'",
+            (task_id,),
+        )
 
 
 def claim_shard(conn, task_id, worker):
@@ -147,6 +153,8 @@ def claim_shard(conn, task_id, worker):
             """UPDATE objmig_shards s SET state = 'running', worker = %s, host = %s, heartbeat = now()
                FROM (SELECT task_id, shard_no FROM objmig_shards
                      WHERE task_id = %s AND state = 'pending'
+                       AND EXISTS (SELECT 1 FROM objmig_runs r WHERE r.task_id = objmig_shards.task_id
+                                   AND r.state = 'running')
                      ORDER BY shard_no LIMIT 1 FOR UPDATE SKIP LOCKED) next
                WHERE s.task_id = next.task_id AND s.shard_no = next.shard_no
                RETURNING s.shard_no, s.bucket, s.user_id, s.lower_id, s.upper_id, s.documents, s.bytes""",
@@ -254,9 +262,17 @@ def totals(conn, task_id):
 
 def failures(conn, task_id, kind="document"):
     """(user_id, bucket, archive_id, content_url, error) of a run's failures of one kind."""
+    # A document that failed once but moved when its shard was retried is not
+    # a failure of the run: only those whose metadata still points where they
+    # failed count.
+    still_there = (
+        """AND EXISTS (SELECT 1 FROM archive_metadata m WHERE m.bucket = f.bucket AND m."userId" = f.user_id
+                          AND m."archiveId" = f.archive_id AND m.content_url = f.content_url)"""
+        if kind == "document" else ""
+    )
     return conn.execute(
-        """SELECT user_id, bucket, archive_id, content_url, error FROM objmig_failures
-           WHERE task_id = %s AND kind = %s ORDER BY bucket, user_id, archive_id""",
+        f"""SELECT DISTINCT user_id, bucket, archive_id, content_url, error FROM objmig_failures f
+            WHERE task_id = %s AND kind = %s {still_there} ORDER BY bucket, user_id, archive_id""",
         (task_id, kind),
     ).fetchall()
 

@@ -150,6 +150,7 @@ def commit_metadata(conn, written, result, task_id, delete_source):
     ]
     with conn.transaction():
         updated = {tuple(key) for key in conn.execute(COMMIT_METADATA, [int(time.time()), *columns])}
+        progress.forget_pending_deletes(conn, [item.url for _, item in written])
         if delete_source:
             progress.note_pending_deletes(
                 conn, task_id, [row.content_url for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]
@@ -263,9 +264,17 @@ def finish_batch(spec, shard, flight, source, conn, on_batch):
 
 
 def worker_main(spec, log_settings):
-    """Entry point of a worker process."""
+    """Entry point of a worker process: one log line, never a traceback."""
     logs.configure(*log_settings)
-    run_worker(spec)
+    try:
+        run_worker(spec)
+    except KeyboardInterrupt:
+        raise SystemExit(1) from None
+    except Exception as exc:
+        from anchore_objmig.db import redacted
+
+        log.error("worker stopped: %s", redacted(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
+        raise SystemExit(1) from None
 
 
 class Pipeline:
@@ -288,8 +297,9 @@ class Pipeline:
             self.land_oldest(conn)
 
     def land_oldest(self, conn):
-        shard, flight, last = self.in_flight.popleft()
+        shard, flight, last = self.in_flight[0]
         finish_batch(self.spec, shard, flight, self.source, conn, self.on_batch)
+        self.in_flight.popleft()  # only now: a batch that failed to land stays for abandon()
         if last:
             progress.finish_shard(conn, self.spec.task_id, shard.shard_no, "done")
 
@@ -300,6 +310,11 @@ class Pipeline:
     def abandon(self):
         """The shards of batches not landed (their writes are strays a rerun overwrites)."""
         shards = {shard.shard_no: shard for shard, _, _ in self.in_flight}
+        for _, flight, _ in self.in_flight:
+            try:  # let writes in the air finish before another worker may redo them
+                flight.wait()
+            except Exception:
+                pass
         self.in_flight.clear()
         return list(shards.values())
 
@@ -339,6 +354,8 @@ def run_worker(spec, on_batch=None):
                 move_shard(pipeline, conn, where, shard)
             except Exception as exc:
                 stuck = {s.shard_no: s for s in [shard, *pipeline.abandon()] if s is not None}.values()
+                if not stuck:
+                    raise  # claiming itself fails: retrying in a loop would only spin
                 give_back(context, spec, stuck, exc)
     finally:
         source.close()

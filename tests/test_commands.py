@@ -103,6 +103,7 @@ def test_prompt_answered_no_changes_nothing(db, s3, cli, tmp_path):
     assert result.returncode == 2
     assert all(url.startswith("db://") for url in urls(db))
     assert task_rows(db) == []
+    assert db.execute("SELECT to_regclass('objmig_runs')").fetchone()[0] is None  # not even our own tables
     assert s3.keys(bucket) == []
 
     result = cli("migrate", source, dest, input="y\n")

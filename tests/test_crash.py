@@ -84,3 +84,26 @@ def test_killed_s3_to_db_then_rerun_finishes(db, s3, cli, tmp_path, point):
     assert_all_readable(db, s3.client, docs)
     assert s3.keys(bucket) == []
     assert len(s3.keys(other)) == len(docs)
+
+
+def test_nodelete_rerun_keeps_the_copies_a_killed_run_meant_to_delete(db, s3, cli, tmp_path):
+    docs = anchore_sim.make_docs(40, seed=6)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = s3.new_bucket()
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
+    args = ["migrate", source, dest, "--dontask", "--workers", "1", "--batch-size", "10"]
+    killed = cli(*args, env={"OBJMIG_CRASH_AT": "after-commit:1"})
+    assert killed.returncode == -signal.SIGKILL
+    pending = db.execute("SELECT count(*) FROM objmig_pending_deletes").fetchone()[0]
+    assert pending > 0  # the first batch's old copies, committed elsewhere, not yet deleted
+    kept = cli(*args, "--nodelete")
+    assert kept.returncode == 0, kept.stderr
+    assert db.execute("SELECT count(*) FROM archive_document").fetchone()[0] == len(docs)  # nothing deleted
+    assert_all_readable(db, s3.client, docs)
+    # a later run that may delete finishes what the killed run meant to do
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert db.execute("SELECT count(*) FROM archive_document").fetchone()[0] == len(docs) - pending
+    assert db.execute("SELECT count(*) FROM objmig_pending_deletes").fetchone()[0] == 0
+    assert_all_readable(db, s3.client, docs)

@@ -168,3 +168,21 @@ def test_join_without_a_running_migration(db, cli, tmp_path):
     assert result.returncode == 1
     assert "no running migration" in result.stderr
     assert urls(db) == set()
+
+
+def test_join_refuses_a_run_whose_owner_died(db, cli, tmp_path):
+    import signal
+
+    docs = anchore_sim.make_docs(20, seed=38)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("db2"))
+    killed = cli("migrate", source, dest, "--dontask", env={"OBJMIG_CRASH_AT": "after-plan:1"})
+    assert killed.returncode == -signal.SIGKILL
+    joined = cli("migrate", source, dest, "--join")
+    assert joined.returncode == 1
+    assert "no process holds the migration lock" in joined.stderr
+    assert all(url.startswith("db://") for url in urls(db))  # the joiner moved nothing
+    resumed = cli("migrate", source, dest, "--dontask")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_all_readable(db, None, docs)

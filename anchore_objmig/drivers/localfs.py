@@ -95,9 +95,23 @@ def write_one(item):
         except BaseException:
             os.unlink(temporary)
             raise
+        # The rename (and any new directory) is only durable once the
+        # directories are synced; the source copy is deleted after this.
+        sync_directories(os.path.dirname(path), item.url)
     except OSError as exc:
         return StorageError(f"cannot write {item.url}: {exc.strerror}")
     return None
+
+
+def sync_directories(directory, url):
+    """fsync `directory` and its parents up to the archive's md5(userId) level."""
+    for _ in range(3):  # {md5(id)[:2]}, {bucket}, {md5(user)}: what makedirs may have made
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        directory = os.path.dirname(directory)
 
 
 def delete_one(url):

@@ -76,6 +76,13 @@ class S3Driver(Driver):
         prefix = config.get("prefix")
         if prefix is not None and not isinstance(prefix, str):
             raise store.error("prefix", "must be a string")
+        url = config.get("url")
+        if url and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+            raise store.error("url", f"must start with http:// or https://, got {url!r}")
+        for key in ("max_attempts", "connect_timeout", "read_timeout"):
+            value = config.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise store.error(key, f"must be a positive number, got {value!r}")
 
     def __init__(self, store, context):
         super().__init__(store, context)

@@ -39,6 +39,13 @@ def assert_all_readable(conn, s3_client, expected, skip=()):
     return documents
 
 
+def through_proxy(s3, proxy, bucket, **extra):
+    """An s3 driver config that reaches the server through a tests/faultproxy.py proxy."""
+    config = s3.driver_config(bucket, **extra)
+    config["url"] = proxy.endpoint
+    return config
+
+
 def urls(conn):
     return {row[0] for row in conn.execute("SELECT content_url FROM archive_metadata")}
 

@@ -12,7 +12,7 @@ from anchore_objmig import plan
 from anchore_objmig.config import StoreConfig
 from anchore_objmig.drivers import DriverContext, make_driver
 from faultproxy import FaultProxy, Rule
-from helpers import assert_all_readable, section, task_rows, urls, write_config
+from helpers import assert_all_readable, section, task_rows, through_proxy, urls, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,9 +68,15 @@ def test_progress_table_and_workers(db, s3, cli, tmp_path):
     docs = anchore_sim.make_docs(300, seed=34)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
     bucket = s3.new_bucket()
-    source = write_config(tmp_path / "a.yaml", section("db"))
-    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket)))
-    result = cli("migrate", source, dest, "--dontask", "--workers", "2", "--shard-size", "20", "--batch-size", "8")
+    with FaultProxy(s3.endpoint) as proxy:
+        # Slow uploads: the run lasts long enough for the second worker process
+        # to start and take shards even on a loaded machine.
+        proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
+        config = through_proxy(s3, proxy, bucket)
+        source = write_config(tmp_path / "a.yaml", section("db"))
+        dest = write_config(tmp_path / "b.yaml", section("s3", config))
+        result = cli("migrate", source, dest, "--dontask", "--workers", "2", "--shard-size", "20", "--batch-size", "8",
+                     "--io-threads", "2")
     assert result.returncode == 0, result.stderr
     shards = db.execute("SELECT state, documents_done, worker, host FROM objmig_shards").fetchall()
     assert len(shards) >= 15
@@ -88,8 +94,7 @@ def test_task_row_shows_live_progress(db, s3, cli, tmp_path, schema_ready):
     bucket = s3.new_bucket()
     with FaultProxy(s3.endpoint) as proxy:
         proxy.add(Rule("delay", method="PUT", delay=0.03, times=None))
-        config = s3.driver_config(bucket)
-        config["url"] = proxy.endpoint
+        config = through_proxy(s3, proxy, bucket)
         source = write_config(tmp_path / "a.yaml", section("db"))
         dest = write_config(tmp_path / "b.yaml", section("s3", config))
         command = [sys.executable, "-m", "anchore_objmig", "--db-connect", schema_ready, "migrate", source, dest,
@@ -133,9 +138,8 @@ def test_join_shares_a_running_migration(db, s3, cli, tmp_path, schema_ready):
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
     bucket = s3.new_bucket()
     with FaultProxy(s3.endpoint) as proxy:
-        proxy.add(Rule("delay", method="PUT", delay=0.03, times=None))  # long enough to join
-        config = s3.driver_config(bucket)
-        config["url"] = proxy.endpoint
+        proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))  # long enough to join
+        config = through_proxy(s3, proxy, bucket)
         source = write_config(tmp_path / "a.yaml", section("db"))
         dest = write_config(tmp_path / "b.yaml", section("s3", config))
         base = [sys.executable, "-m", "anchore_objmig", "--db-connect", schema_ready, "migrate", source, dest,

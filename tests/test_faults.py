@@ -10,13 +10,7 @@ import psycopg
 
 import anchore_sim
 from faultproxy import FaultProxy, Rule
-from helpers import assert_all_readable, section, task_rows, urls, write_config
-
-
-def through_proxy(s3, proxy, bucket, **extra):
-    config = s3.driver_config(bucket, **extra)
-    config["url"] = proxy.endpoint
-    return config
+from helpers import assert_all_readable, section, task_rows, through_proxy, urls, write_config
 
 
 def test_transient_s3_faults_are_retried(db, s3, cli, tmp_path):

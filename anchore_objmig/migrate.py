@@ -10,9 +10,10 @@ import multiprocessing
 import multiprocessing.connection
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import yaml
+from psycopg import sql
 
 from anchore_objmig import db, metrics, plan, progress, tasks, worker
 from anchore_objmig.config import load_store_config
@@ -110,7 +111,7 @@ def run(options, db_settings):
         if options.dry_run:
             return dry_run(conn, where, source, dest, dest_store, options)
         if options.join:
-            return join(conn, options, db_settings, source, dest)
+            return join(conn, options, db_settings, source_store, dest_store, source, dest)
         return migrate(conn, options, db_settings, where, source_store, dest_store, source, dest)
     finally:
         source.close()
@@ -259,7 +260,7 @@ def wait_for_other_hosts(conn, spec, options, task_id):
         time.sleep(1)
 
 
-def join(conn, options, db_settings, source, dest):
+def join(conn, options, db_settings, source_store, dest_store, source, dest):
     """Work on the pending shards of a running migration between the same locations."""
     runs = progress.running_runs(conn, source.location, dest.location)
     if runs and db.try_migration_lock(conn):
@@ -275,10 +276,9 @@ def join(conn, options, db_settings, source, dest):
             f"no running migration from {source.describe()} to {dest.describe()} to join"
         )
     task_id = runs[-1].task_id
-    source_store, dest_store = load_stores(options)
     log.info("joining migration task %d", task_id)
     spec = worker_spec(options, db_settings, source_store, dest_store, task_id)
-    spec = worker.WorkerSpec(**{**spec.__dict__, "buckets": tuple(runs[-1].buckets or ()) or None})
+    spec = replace(spec, buckets=tuple(runs[-1].buckets or ()) or None)  # the run's buckets, not ours
     run_workers(spec, options.workers, options.log_settings, conn, task_id, options.progress)
     log.info("no pending shards left in task %d; the host that started it finishes the task", task_id)
     return EXIT_OK
@@ -326,7 +326,7 @@ def dry_run(conn, where, source, dest, dest_store, options):
     would_compress = 0
     if dest_store.compression_enabled and dest.supports_compression:
         would_compress = conn.execute(
-            plan.sql.SQL("SELECT count(*) FROM archive_metadata m WHERE {} AND (m.is_compressed OR m.size > %s)").format(where),
+            sql.SQL("SELECT count(*) FROM archive_metadata m WHERE {} AND (m.is_compressed OR m.size > %s)").format(where),
             (dest_store.compression_threshold,),
         ).fetchone()[0]
     print(f"dry run: from {source.describe()} to {dest.describe()}; nothing was changed")

@@ -6,7 +6,7 @@ import os
 import sys
 
 from anchore_objmig import __version__, logs
-from anchore_objmig.errors import EXIT_FAILED, EXIT_USAGE, ObjmigError
+from anchore_objmig.errors import EXIT_FAILED, EXIT_SIGINT, ObjmigError
 
 log = logging.getLogger("anchore_objmig")
 
@@ -49,6 +49,16 @@ def non_negative_float(text):
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 
@@ -153,7 +163,16 @@ def build_parser():
         help="only this logical bucket, e.g. analysis_archive (repeatable; not an S3 bucket)",
     )
     migrate.add_argument("--dry-run", action="store_true", help="print what would be moved (per bucket and user) and change nothing")
-    migrate.add_argument("--join", action="store_true", help="help a migration of the same locations running on another host")
+    migrate.add_argument(
+        "--join", action="store_true",
+        help="help a running migration from another host: the run's own settings apply (compression, --nodelete, "
+        "--bucket), this host's config files give only the credentials and must name the same locations",
+    )
+    migrate.add_argument(
+        "--lease-seconds", type=positive_float, default=30.0, metavar="S",
+        help="a worker that has not confirmed its shard for S seconds stops writing; a silent worker's shard is "
+        "taken over after S seconds plus the longest time its S3 writes can take (default 30)",
+    )
     migrate.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N", help="worker processes (default: the number of CPUs)")
     migrate.add_argument("--io-threads", type=positive_int, default=32, metavar="N", help="network threads per worker (default 32)")
     migrate.add_argument("--batch-size", type=positive_int, default=500, metavar="N", help="documents per batch (default 500)")
@@ -241,6 +260,7 @@ def dispatch(args):
             batch_size=args.batch_size,
             shard_documents=args.shard_size,
             multipart_threshold=args.multipart_threshold,
+            lease_seconds=args.lease_seconds,
             join=args.join,
             dry_run=args.dry_run,
             show_secrets=args.show_secrets,
@@ -285,7 +305,7 @@ def main(argv=None):
         return exc.exit_status
     except KeyboardInterrupt:
         log.error("interrupted; documents already moved stay moved, run the same command again to finish")
-        return EXIT_FAILED
+        return EXIT_SIGINT
     except Exception as exc:  # a bug, or a failure we did not foresee: one line, not a traceback
         from anchore_objmig.db import redacted
 

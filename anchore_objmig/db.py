@@ -7,7 +7,9 @@ the target goes through ``redacted``.
 """
 
 import logging
+import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 
@@ -22,6 +24,13 @@ log = logging.getLogger(__name__)
 MIGRATION_LOCK = (2, 1)
 APPLICATION_NAME = "anchore-objmig"
 ENV_DB_CONNECT = "ANCHORE_OBJMIG_DB_CONNECT"
+# Every session bounds what a frozen or partitioned peer can hold up: a
+# transaction left idle (a frozen host) is ended by the server, a lock wait
+# gives up, and dead TCP peers are found by keepalives within about a minute.
+IDLE_IN_TRANSACTION_SECONDS = 30
+LOCK_TIMEOUT_SECONDS = 60
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 15, "keepalives_interval": 5, "keepalives_count": 3}
+SERVER_KEEPALIVES = "-c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
 URL_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
 KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
 
@@ -60,15 +69,26 @@ def to_conninfo(db_connect):
     return "postgresql://" + rest
 
 
-def connect(settings, autocommit=False):
+def session_name(role):
+    """application_name of a session: who to look for when it blocks others."""
+    return f"{APPLICATION_NAME} {role} {socket.gethostname()}:{os.getpid()}"[:63]
+
+
+def connect(settings, autocommit=False, role="main"):
     """A psycopg connection, retried with backoff while the server is unreachable."""
-    kwargs = {"connect_timeout": settings.connect_timeout, "application_name": APPLICATION_NAME}
+    kwargs = {"connect_timeout": settings.connect_timeout, "application_name": session_name(role), **KEEPALIVES}
     if settings.sslmode:
         kwargs["sslmode"] = settings.sslmode
     if settings.sslrootcert:
         kwargs["sslrootcert"] = settings.sslrootcert
+    options = [
+        f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_SECONDS * 1000}",
+        f"-c lock_timeout={LOCK_TIMEOUT_SECONDS * 1000}",
+        SERVER_KEEPALIVES,
+    ]
     if settings.statement_timeout:
-        kwargs["options"] = f"-c statement_timeout={int(settings.statement_timeout * 1000)}"
+        options.append(f"-c statement_timeout={int(settings.statement_timeout * 1000)}")
+    kwargs["options"] = " ".join(options)
     delay = 0.5
     for attempt in range(settings.retries + 1):
         try:
@@ -103,3 +123,35 @@ def try_migration_lock(conn):
 
 def release_migration_lock(conn):
     conn.execute("SELECT pg_advisory_unlock(%s, %s)", MIGRATION_LOCK)
+
+
+def blockers(conn, backend_pid):
+    """(application_name, client address, state, seconds in that state) of the
+    sessions that session `backend_pid` is waiting for."""
+    return conn.execute(
+        """SELECT coalesce(nullif(a.application_name, ''), 'pid ' || a.pid), coalesce(host(a.client_addr), 'local'),
+                  coalesce(a.state, '?'), coalesce(extract(epoch FROM now() - a.state_change), 0)::int
+           FROM pg_stat_activity a WHERE a.pid = ANY(pg_blocking_pids(%s))""",
+        (backend_pid,),
+    ).fetchall()
+
+
+class Reconnecting:
+    """One autocommit connection, opened again when it was lost."""
+
+    def __init__(self, settings, role="main"):
+        self.settings, self.role, self._conn = settings, role, None
+
+    @property
+    def conn(self):
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.settings, autocommit=True, role=self.role)
+        return self._conn
+
+    def close(self):
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+            self._conn = None

@@ -1,6 +1,6 @@
 """What the operator sees while a long run works: a live line or log lines.
 
-`ProgressDisplay` turns progress.Totals snapshots into one of:
+`ProgressDisplay` turns ledger.Totals snapshots into one of:
   bar   one line on a terminal, redrawn in place ("\\r" ... ESC[K), at most
         a few times a second so a fast run does not flood a slow terminal;
   log   an INFO log line every `interval` seconds (for files, journald, CI);

@@ -4,11 +4,15 @@ Exit status contract (documented in the man page):
   0  everything done
   1  the operation ran and failed for some documents or checks
   2  bad usage or configuration; nothing was changed
+  130  interrupted by SIGINT (Ctrl-C); a migration's task is closed as failed
+  143  stopped by SIGTERM; a migration's task is closed as failed
 """
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
 
 
 class ObjmigError(Exception):

@@ -1,26 +1,37 @@
-"""Crash points, for the tests that kill a migration mid-way.
+"""Crash and freeze points, for the tests that kill or freeze a migration mid-way.
 
 With OBJMIG_CRASH_AT=POINT:N in the environment, the N-th time a process of
 the run reaches POINT, the whole process group is killed with SIGKILL: no
-cleanup, no finally blocks, exactly like a power cut or the OOM killer. Unset
-(always, outside the tests) it costs one comparison.
+cleanup, no finally blocks, exactly like a power cut or the OOM killer.
+With OBJMIG_FREEZE_AT=POINT:N, the process reaching it stops itself with
+SIGSTOP instead (a frozen host, a VM pause) until a test sends SIGCONT.
+Unset (always, outside the tests) each costs one comparison.
 """
 
 import os
 import signal
 import threading
 
-_SPEC = os.environ.get("OBJMIG_CRASH_AT", "")
-_POINT, _, _COUNT = _SPEC.partition(":")
+
+def _parse(variable):
+    point, _, count = os.environ.get(variable, "").partition(":")
+    return point, int(count or 1)
+
+
+_CRASH_POINT, _CRASH_COUNT = _parse("OBJMIG_CRASH_AT")
+_FREEZE_POINT, _FREEZE_COUNT = _parse("OBJMIG_FREEZE_AT")
 _lock = threading.Lock()
-_reached = 0
+_reached = {}
+
+
+def _reached_nth(name, count):
+    with _lock:
+        _reached[name] = _reached.get(name, 0) + 1
+        return _reached[name] == count
 
 
 def crash_point(name):
-    global _reached
-    if name != _POINT:
-        return
-    with _lock:
-        _reached += 1
-        if _reached >= int(_COUNT or 1):
-            os.killpg(os.getpgrp(), signal.SIGKILL)
+    if name == _CRASH_POINT and _reached_nth(name, _CRASH_COUNT):
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    if name == _FREEZE_POINT and _reached_nth("freeze:" + name, _FREEZE_COUNT):
+        os.kill(os.getpid(), signal.SIGSTOP)

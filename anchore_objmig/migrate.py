@@ -6,27 +6,26 @@ on other hosts with --join) claim shards from the database until none is left.
 """
 
 import logging
-import multiprocessing
-import multiprocessing.connection
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+import psycopg
 import yaml
 from psycopg import sql
 
-from anchore_objmig import db, metrics, plan, progress, tasks, worker
+from anchore_objmig import db, ledger, manifest, metrics, plan, supervisor, tasks, worker
 from anchore_objmig.config import load_store_config
 from anchore_objmig.display import ProgressDisplay
 from anchore_objmig.drivers import DriverContext, make_driver
-from anchore_objmig.errors import EXIT_FAILED, EXIT_OK, ObjmigError, UsageError
+from anchore_objmig.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, ObjmigError, UsageError
 from anchore_objmig.faults import crash_point
 from anchore_objmig.redaction import redact_section
+from anchore_objmig.supervisor import Terminated
 
 log = logging.getLogger(__name__)
 
 PROMPT = "Performing this operation requires *all* anchore-engine services to be stopped - proceed? (y/N) "
-STALE_SHARD_SECONDS = 300  # a running shard with no heartbeat for this long is given back
 NAMED_FAILURES = 200  # at most this many failed documents named on stderr
 
 
@@ -45,6 +44,7 @@ class MigrateOptions:
     shard_documents: int = plan.DEFAULT_SHARD_DOCUMENTS
     shard_bytes: int = plan.DEFAULT_SHARD_BYTES
     multipart_threshold: int = 8 * 1024 * 1024
+    lease_seconds: float = manifest.DEFAULT_LEASE_SECONDS
     join: bool = False
     dry_run: bool = False
     show_secrets: bool = False
@@ -110,6 +110,7 @@ def run(options, db_settings):
         db.require_anchore_tables(conn)
         if options.dry_run:
             return dry_run(conn, where, source, dest, dest_store, options)
+        supervisor.install_signal_handlers()
         if options.join:
             return join(conn, options, db_settings, source_store, dest_store, source, dest)
         return migrate(conn, options, db_settings, where, source_store, dest_store, source, dest)
@@ -121,39 +122,102 @@ def run(options, db_settings):
 
 
 def migrate(conn, options, db_settings, where, source_store, dest_store, source, dest):
-    if not db.try_migration_lock(conn):
-        raise ObjmigError(
-            "another migration is running: it holds the migration lock pg_advisory_lock(2, 1) "
-            "(use --join to help a running anchore-objmig migration of the same locations)"
-        )
-    source.check_access(write=False)
-    dest.check_access(write=True, create=False)  # fail before asking, change nothing yet
-    describe_store("from", source_store, source, options.show_secrets)
-    describe_store("to", dest_store, dest, options.show_secrets)
-    confirm(options.ask)
-    progress.ensure_schema(conn)
-    dest.check_access(write=True)
-    close_abandoned_runs(conn)
-    if options.delete_source:
-        finish_pending_deletes(conn, source)
+    lock_conn = db.connect(db_settings, autocommit=True, role="lock")
+    try:
+        if not db.try_migration_lock(lock_conn):
+            raise ObjmigError(
+                "another migration is running: it holds the migration lock pg_advisory_lock(2, 1) "
+                "(use --join to help a running anchore-objmig migration of the same locations)"
+            )
+        source.check_access(write=False)
+        dest.check_access(write=True, create=False)  # fail before asking, change nothing yet
+        describe_store("from", source_store, source, options.show_secrets)
+        describe_store("to", dest_store, dest, options.show_secrets)
+        confirm(options.ask)
+        ledger.ensure_schema(conn)
+        dest.check_access(write=True)
+        close_abandoned_runs(conn)
+        if options.delete_source:
+            finish_pending_deletes(conn, source)
 
-    groups = plan.summarize(conn, where)
-    shards = plan.cut_shards(conn, where, groups, options.shard_documents, options.shard_bytes)
-    total = sum(group.documents for group in groups)
-    task_id = tasks.create_task(conn, source.name, dest.name, total)
-    crash_point("after-task")
-    progress.create_run(conn, task_id, source.location, dest.location, options.buckets, shards)
-    crash_point("after-plan")
+        groups = plan.summarize(conn, where)
+        shards = plan.cut_shards(conn, where, groups, options.shard_documents, options.shard_bytes)
+        total = sum(group.documents for group in groups)
+        task_id = tasks.create_task(conn, source.name, dest.name, total)
+        crash_point("after-task")
+        run_manifest = manifest.build(source, dest, source_store, dest_store, options)
+        ledger.create_run(conn, task_id, run_manifest, shards, lock_conn.info.backend_pid)
+        crash_point("after-plan")
+    except BaseException:
+        lock_conn.close()
+        raise
     log.info("migration task %d: %d documents (%s) in %d shards, %d workers",
              task_id, total, human_bytes(sum(g.bytes for g in groups)), len(shards), options.workers)
-    started = time.monotonic()
+    guard = supervisor.RunGuard(db_settings, task_id, lock_conn)
+    guard.start()
     spec = worker_spec(options, db_settings, source_store, dest_store, task_id)
-    run_workers(spec, options.workers, options.log_settings, conn, task_id, options.progress)
-    wait_for_other_hosts(conn, spec, options, task_id)
-    if options.delete_source:
-        finish_pending_deletes(conn, source)
-    crash_point("before-finish")
-    return finish(conn, task_id, dest_store, options, time.monotonic() - started)
+    return work_on_run(options, db_settings, spec, guard, source, dest_store, task_id)
+
+
+def work_on_run(options, db_settings, spec, guard, source, dest_store, task_id):
+    """This host's part of a run, and the run's end if this host holds its lock."""
+    started = time.monotonic()
+    work = db.Reconnecting(db_settings)
+    try:
+        try:
+            reporter = ProgressReporter(work, task_id, options.progress)
+            workers_of_host(spec, options, reporter, guard)
+            while guard.holding and not guard.failure:
+                if not wait_for_other_hosts(work.conn, task_id):
+                    break
+                workers_of_host(spec, options, reporter, guard)  # shards given back or taken over
+            reporter.close()
+        except (KeyboardInterrupt, Terminated) as stop:
+            return interrupted(db_settings, guard, task_id, stop)
+        if guard.failure:
+            log.error("migration task %d stopped on this host: %s. Documents already moved stay moved and "
+                      "readable; run the same command again (without --join) to finish", task_id, guard.failure)
+            return EXIT_FAILED
+        if not guard.holding:
+            log.info("no shards left for this host in task %d; the host holding the migration lock finishes it",
+                     task_id)
+            return EXIT_OK
+        if options.delete_source:
+            finish_pending_deletes(work.conn, source)
+        crash_point("before-finish")
+        return finish(work.conn, task_id, dest_store, options, time.monotonic() - started)
+    finally:
+        guard.finish()
+        work.close()
+
+
+def workers_of_host(spec, options, reporter, guard):
+    """Run this host's workers until they find nothing to claim; give back
+    what any of them held when it ended (their writes ended with them)."""
+    names = supervisor.run_workers(spec, options.workers, options.log_settings, reporter.maybe_report, guard.stop)
+    given = ledger.give_back_dead_workers(reporter.work.conn, spec.task_id, names, worker.MAX_SHARD_ATTEMPTS,
+                                          "its worker process ended")
+    if given:
+        log.warning("gave back %d shards held by worker processes that ended", len(given))
+
+
+def interrupted(db_settings, guard, task_id, stop):
+    """SIGINT or SIGTERM: the workers have stopped; close the run now rather
+    than leave it running for the next run to find."""
+    status = EXIT_SIGTERM if isinstance(stop, Terminated) else EXIT_SIGINT
+    name = "SIGTERM" if status == EXIT_SIGTERM else "SIGINT"
+    if guard.holding:
+        try:
+            with db.connect(db_settings, autocommit=True) as conn:
+                ledger.close_run(conn, task_id, "failed", f"interrupted by {name}")
+        except (psycopg.Error, ObjmigError) as exc:
+            log.warning("could not close migration task %d (%s); the next run closes it", task_id, db.first_line(exc))
+        log.error("interrupted by %s: migration task %d closed as failed. Documents already moved stay moved and "
+                  "readable; run the same command again to move the rest", name, task_id)
+    else:
+        log.error("interrupted by %s: this host stopped helping migration task %d; its shards go back to the run",
+                  name, task_id)
+    return status
 
 
 def worker_spec(options, db_settings, source_store, dest_store, task_id):
@@ -171,11 +235,15 @@ def worker_spec(options, db_settings, source_store, dest_store, task_id):
 
 
 def close_abandoned_runs(conn):
-    """Tasks left 'running' by a migration that died (ours or anchore-manager's):
-    we hold the migration lock, so nothing is running them any more."""
-    for run_row in progress.running_runs(conn):
-        progress.finish_run(conn, run_row.task_id, "failed")
-    for task_id in tasks.close_running_tasks(conn):
+    """Runs left 'running' by a migration that died (ours or anchore-manager's):
+    we hold the migration lock, so nothing may work on them any more. Their
+    workers may still have writes in the air: wait until none can land."""
+    closed = []
+    for run_row in ledger.running_runs(conn):
+        wait_for_quiet_workers(conn, run_row)
+        ledger.close_run(conn, run_row.task_id, "failed", "closed by a later run")
+        closed.append(run_row.task_id)
+    for task_id in sorted(closed + tasks.close_running_tasks(conn)):
         log.warning(
             "closed migration task %d as failed (last_state running): the run that owned it stopped "
             "before finishing; this run moves what it left at the source",
@@ -183,16 +251,34 @@ def close_abandoned_runs(conn):
         )
 
 
+def wait_for_quiet_workers(conn, run_row):
+    """Wait until no worker of `run_row` can still write: each has exited on
+    this host, or has been silent for the run's takeover time."""
+    announced = set()
+    deadline = time.monotonic() + run_row.takeover_seconds + run_row.lease_seconds
+    while time.monotonic() < deadline:
+        waiting = [(name, host, age) for name, host, age in ledger.live_holders(conn, run_row.task_id)
+                   if not supervisor.local_and_dead(name) and (age or 0) < run_row.takeover_seconds]
+        if not waiting:
+            return
+        for name, host, age in waiting:
+            if name not in announced:
+                announced.add(name)
+                log.warning("waiting up to %.0fs for worker %s of task %d (heartbeat %.0fs ago) to stop writing "
+                            "before this run starts", run_row.takeover_seconds - age, name, run_row.task_id, age)
+        time.sleep(1)
+
+
 def finish_pending_deletes(conn, source):
     """Delete old copies a crashed run meant to delete after its metadata commit."""
     total = 0
     while True:
-        urls = progress.pending_deletes(conn, source.location)
+        urls = ledger.pending_deletes(conn, source.location)
         if not urls:
             break
         errors = source.delete_many(urls)
         done = [url for url in urls if url not in errors]
-        progress.forget_pending_deletes(conn, done)
+        ledger.forget_pending_deletes(conn, done)
         total += len(done)
         if errors:
             log.warning("%d old copies could not be deleted yet, e.g. %s", len(errors), next(iter(errors.values())))
@@ -201,104 +287,66 @@ def finish_pending_deletes(conn, source):
         log.info("deleted %d old source copies left by an interrupted run", total)
 
 
-def run_workers(spec, count, log_settings, conn, task_id, progress_mode="auto"):
-    """Run `count` workers: this process is one of them (it would only wait
-    otherwise, and a new interpreter costs half a second of imports), the
-    others are new processes."""
-    reporter = ProgressReporter(conn, task_id, progress_mode)
-    spawn = multiprocessing.get_context("spawn")  # no inherited sockets or locks
-    processes = [
-        spawn.Process(target=worker.worker_main, args=(spec, log_settings), name=f"objmig-worker-{n}")
-        for n in range(1, count)
-    ]
-    for process in processes:
-        process.start()
-    try:
-        worker.run_worker(spec, on_batch=reporter.maybe_report)
-        while any(process.is_alive() for process in processes):
-            multiprocessing.connection.wait([process.sentinel for process in processes], timeout=0.25)
-            reporter.maybe_report()
-    except BaseException:
-        for process in processes:
-            process.terminate()
-        raise
-    reporter.close()
-    for process in processes:
-        if process.exitcode != 0:
-            log.error("worker %s ended with exit status %s", process.name, process.exitcode)
-    # A worker that died holding shards: they go back to pending at once
-    # (not after the heartbeat times out), up to the attempt limit.
-    names = [worker.worker_name(process.pid) for process in processes] + [worker.worker_name()]
-    for shard_no in progress.running_shards_of(conn, task_id, names):
-        progress.give_back_shard(conn, task_id, shard_no, worker.MAX_SHARD_ATTEMPTS, "its worker process ended")
-
-
-def wait_for_other_hosts(conn, spec, options, task_id):
-    """Wait for shards that joined hosts still hold; take back those gone quiet."""
+def wait_for_other_hosts(conn, task_id):
+    """Wait while other hosts hold shards. True when shards are claimable here
+    again (given back, or silent past the takeover time), False when all are over."""
+    run = ledger.get_run(conn, task_id)
+    announced = set()
     while True:
-        row = conn.execute(
-            """SELECT count(*) FILTER (WHERE state = 'pending'),
-                      count(*) FILTER (WHERE state = 'running' AND heartbeat > now() - make_interval(secs => %s)),
-                      count(*) FILTER (WHERE state = 'running' AND heartbeat <= now() - make_interval(secs => %s))
-               FROM objmig_shards WHERE task_id = %s""",
-            (STALE_SHARD_SECONDS, STALE_SHARD_SECONDS, task_id),
-        ).fetchone()
-        pending, active, stale = row
-        if stale:
-            conn.execute(
-                """UPDATE objmig_shards SET state = 'pending', worker = NULL
-                   WHERE task_id = %s AND state = 'running' AND heartbeat <= now() - make_interval(secs => %s)""",
-                (task_id, STALE_SHARD_SECONDS),
-            )
-            log.warning("took back %d shards whose worker went quiet", stale)
-            continue
+        pending, running = ledger.shard_counts(conn, task_id)
         if pending:
-            run_workers(spec, options.workers, options.log_settings, conn, task_id, options.progress)
-            continue
-        if not active:
-            return
+            return True
+        if not running:
+            return False
+        for name, host, age in ledger.live_holders(conn, task_id):
+            if age is not None and age >= run.takeover_seconds:
+                return True  # a new claim takes it over
+            if name not in announced:
+                announced.add(name)
+                log.info("waiting for worker %s on host %s (heartbeat %.0fs ago)", name, host, age or 0)
         time.sleep(1)
 
 
 def join(conn, options, db_settings, source_store, dest_store, source, dest):
-    """Work on the pending shards of a running migration between the same locations."""
-    runs = progress.running_runs(conn, source.location, dest.location)
-    if runs and db.try_migration_lock(conn):
-        # Nobody holds the lock: the run's owner died. Joining it would work
-        # outside the lock; the same command without --join resumes it safely.
-        db.release_migration_lock(conn)
+    """Work on the shards of a running migration, with the run's own settings."""
+    runs = ledger.running_runs(conn)
+    if not runs:
+        raise ObjmigError(f"no running migration from {source.describe()} to {dest.describe()} to join")
+    run_row = runs[-1]
+    manifest.check_join(run_row.manifest, manifest.build(source, dest, source_store, dest_store, options),
+                        run_row.task_id)
+    if not ledger.lock_holder_alive(conn, run_row.task_id):
         raise ObjmigError(
-            f"migration task {runs[-1].task_id} is marked running but no process holds the migration lock: "
+            f"migration task {run_row.task_id} is marked running but no process holds the migration lock: "
             "it stopped; run the same command without --join to finish it"
         )
-    if not runs:
-        raise ObjmigError(
-            f"no running migration from {source.describe()} to {dest.describe()} to join"
-        )
-    task_id = runs[-1].task_id
-    log.info("joining migration task %d", task_id)
-    spec = worker_spec(options, db_settings, source_store, dest_store, task_id)
-    spec = replace(spec, buckets=tuple(runs[-1].buckets or ()) or None)  # the run's buckets, not ours
-    run_workers(spec, options.workers, options.log_settings, conn, task_id, options.progress)
-    log.info("no pending shards left in task %d; the host that started it finishes the task", task_id)
-    return EXIT_OK
+    options, source_store, dest_store = manifest.adopt(run_row.manifest, options, source_store, dest_store)
+    log.info("joining migration task %d (started on %s) with the run's settings: compression %s, %s source copies",
+             run_row.task_id, run_row.lock_host, "on" if dest_store.compression_enabled else "off",
+             "deleting" if options.delete_source else "keeping")
+    guard = supervisor.RunGuard(db_settings, run_row.task_id)
+    guard.start()
+    spec = worker_spec(options, db_settings, source_store, dest_store, run_row.task_id)
+    return work_on_run(options, db_settings, spec, guard, source, dest_store, run_row.task_id)
 
 
 def finish(conn, task_id, dest_store, options, seconds):
     """Close the task honestly, name what failed, and say what to configure."""
-    totals = progress.totals(conn, task_id)
-    failed = progress.failures(conn, task_id, "document")
-    leftovers = progress.failures(conn, task_id, "source-copy")
-    unfinished = progress.failed_shards(conn, task_id)
+    totals = ledger.totals(conn, task_id)
+    failed = ledger.failures(conn, task_id, "document")
+    leftovers = ledger.failures(conn, task_id, "source-copy")
+    unfinished = ledger.failed_shards(conn, task_id)
+    resolved = ledger.resolved_failures(conn, task_id)
     state = "complete" if not failed and not unfinished else "failed"
+    ledger.close_run(conn, task_id, state)
+    totals = ledger.totals(conn, task_id)  # final: no fenced write lands after the close
     metrics.record(options.metrics_file, metrics.RunResult(
         command=metrics.MIGRATE, success=state == "complete" and not leftovers, duration_seconds=seconds,
         documents=totals.documents_done, failed=len(failed), bytes=totals.bytes_done))
-    tasks.finish_task(conn, task_id, state)
-    progress.finish_run(conn, task_id, state)
     rate = totals.documents_done / seconds if seconds > 0 else 0.0
-    log.info("migration task %d %s: %d documents (%s) moved in %.1fs (%.0f documents/s), %d failed",
-             task_id, state, totals.documents_done, human_bytes(totals.bytes_done), seconds, rate, len(failed))
+    retried = f" ({resolved} document errors along the way were resolved by a retry)" if resolved else ""
+    log.info("migration task %d %s: %d documents (%s) moved in %.1fs (%.0f documents/s), %d failed%s",
+             task_id, state, totals.documents_done, human_bytes(totals.bytes_done), seconds, rate, len(failed), retried)
     for user_id, bucket, archive_id, url, error in failed[:NAMED_FAILURES]:
         log.error("FAILED %s/%s/%s (%s): %s", user_id, bucket, archive_id, url, error)
     if len(failed) > NAMED_FAILURES:
@@ -345,8 +393,8 @@ def dry_run(conn, where, source, dest, dest_store, options):
 class ProgressReporter:
     """Feeds the run's totals to the operator's display: a bar, log lines or nothing."""
 
-    def __init__(self, conn, task_id, mode="auto", every=0.5):
-        self.conn, self.task_id, self.every = conn, task_id, every
+    def __init__(self, work, task_id, mode="auto", every=0.5):
+        self.work, self.task_id, self.every = work, task_id, every
         self.display = ProgressDisplay(mode)
         self.last = time.monotonic()
 
@@ -356,10 +404,21 @@ class ProgressReporter:
 
     def report(self):
         self.last = time.monotonic()
-        self.display.update(progress.totals(self.conn, self.task_id))
+        totals = self.totals()
+        if totals is not None:
+            self.display.update(totals)
+
+    def totals(self):
+        try:
+            return ledger.totals(self.work.conn, self.task_id)
+        except psycopg.OperationalError:  # the database is away for a moment: skip this update
+            self.work.close()
+            return None
 
     def close(self):
-        self.display.close(progress.totals(self.conn, self.task_id))
+        totals = self.totals()
+        if totals is not None:
+            self.display.close(totals)
 
 
 def human_bytes(count):

@@ -26,7 +26,7 @@ from anchore_objmig.config import load_store_config
 from anchore_objmig.display import ProgressDisplay, decimal_bytes
 from anchore_objmig.drivers import DocRow, DriverContext, NotFound, make_driver
 from anchore_objmig.errors import EXIT_FAILED, EXIT_OK
-from anchore_objmig.progress import Totals
+from anchore_objmig.ledger import Totals
 
 log = logging.getLogger(__name__)
 

@@ -12,19 +12,23 @@ import collections
 import logging
 import os
 import socket
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import psycopg
 
-from anchore_objmig import codec, logs, plan, progress, tasks
+from anchore_objmig import codec, db, ledger, logs, plan
 from anchore_objmig.faults import crash_point
 from anchore_objmig.db import DbSettings
 from anchore_objmig.drivers import DocRow, DriverContext, NotFound, WriteItem, make_driver
+from anchore_objmig.errors import ObjmigError
+from anchore_objmig.ledger import LeaseLost
 
 log = logging.getLogger(__name__)
 
 MAX_SHARD_ATTEMPTS = 3  # a shard whose worker lost its connection this often fails
+LOCK_WAIT_SECONDS = 90  # how long workers wait for their run to get its migration lock back
 
 COMMIT_METADATA = """
 UPDATE archive_metadata m
@@ -52,6 +56,7 @@ class WorkerSpec:
     batch_bytes: int = 32 * 1024 * 1024
     io_threads: int = 32
     multipart_threshold: int = 8 * 1024 * 1024
+    parent_pid: int | None = None  # a worker process exits when this process is gone
 
 
 @dataclass
@@ -61,6 +66,10 @@ class BatchResult:
     failures: list = field(default_factory=list)  # (DocRow, reason), still at the source
     leftovers: list = field(default_factory=list)  # (DocRow, reason), moved, old copy not deleted
     deleted: list = field(default_factory=list)  # old URLs deleted
+
+
+def replace_parent(spec, pid):
+    return replace(spec, parent_pid=pid)
 
 
 def worker_name(pid=None):
@@ -104,15 +113,20 @@ def start_writes(dest, items):
     """Start the batch's destination writes; a function that waits for them."""
     try:
         return dest.submit_writes([item for _, item in items])
+    except LeaseLost:
+        raise
     except Exception as exc:
         errors = {item.url: exc for _, item in items}
         return lambda: errors
 
 
 def confirmed_writes(items, wait, result):
-    """Wait for a batch's writes; the items whose destination copy is confirmed."""
+    """Wait for a batch's writes; the items whose destination copy is confirmed.
+    LeaseLost (a write refused by the fence) stops the batch as a whole."""
     try:
         errors = wait()
+    except LeaseLost:
+        raise
     except Exception as exc:
         errors = {item.url: exc for _, item in items}
     written = []
@@ -124,9 +138,9 @@ def confirmed_writes(items, wait, result):
     return written
 
 
-def commit_metadata(conn, written, result, task_id, delete_source):
+def commit_metadata(conn, lease, written, result, delete_source):
     """Point the metadata rows at their new copies, in one statement; in the
-    same transaction, note the old copies to delete (see progress.py)."""
+    same fenced transaction, note the old copies to delete (see ledger.py)."""
     if not written:
         return []
     columns = [
@@ -149,11 +163,13 @@ def commit_metadata(conn, written, result, task_id, delete_source):
         )
     ]
     with conn.transaction():
+        ledger.confirm_lease(conn, lease)  # first: a stale worker commits nothing
         updated = {tuple(key) for key in conn.execute(COMMIT_METADATA, [int(time.time()), *columns])}
-        progress.forget_pending_deletes(conn, [item.url for _, item in written])
+        ledger.forget_pending_deletes(conn, [item.url for _, item in written])
         if delete_source:
-            progress.note_pending_deletes(
-                conn, task_id, [row.content_url for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]
+            ledger.note_pending_deletes(
+                conn, lease.task_id,
+                [row.content_url for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]
             )
         crash_point("before-commit")
     committed = []
@@ -165,11 +181,24 @@ def commit_metadata(conn, written, result, task_id, delete_source):
     return committed
 
 
-def delete_sources(source, committed, result):
-    """Delete the old copies of documents whose metadata now points elsewhere."""
+def delete_sources(conn, lease, source, committed, result):
+    """Delete the old copies of documents whose metadata now points elsewhere.
+
+    Fenced like a write: a database source deletes inside a transaction that
+    checks the lease; a network source only while this process may write.
+    """
     urls = [row.content_url for row, _ in committed]
     try:
-        errors = source.delete_many(urls)
+        if source.in_catalog_db:
+            with conn.transaction():
+                ledger.confirm_lease(conn, lease)
+                errors = source.delete_many(urls)
+        else:
+            ledger.confirm_lease(conn, lease)
+            source.context.check_fence()
+            errors = source.delete_many(urls)
+    except (LeaseLost, psycopg.OperationalError):
+        raise  # the intents stay in objmig_pending_deletes: the run's owner finishes them
     except Exception as exc:
         errors = {url: exc for url in urls}
     for row, _ in committed:
@@ -183,30 +212,43 @@ def delete_sources(source, committed, result):
 class Flight:
     """A batch whose destination writes are under way."""
 
+    lease: ledger.Lease
     items: list  # (DocRow, WriteItem)
     wait: object  # waits for the writes, gives {url: exception}
     result: BatchResult
+    last: bool  # the last batch of its shard
 
 
-def launch_batch(rows, source, dest, dest_store):
-    """Read, check and re-encode a batch, and start writing it (without waiting)."""
+def launch_batch(conn, lease, rows, source, dest, dest_store, last):
+    """Read, check and re-encode a batch, and start writing it (without waiting).
+
+    The lease is checked right before the writes start, so a worker that lost
+    its shard sends nothing after the new owner may have committed.
+    """
     result = BatchResult()
     found = read_sources(source, rows)
     crash_point("after-read")
     items = prepare_writes(rows, found, dest, dest_store, result)
     del found  # the encoded bytes are all we hold from here on
-    return Flight(items, start_writes(dest, items), result)
+    if dest.in_catalog_db:  # the writes join the fenced transaction and commit with it
+        with conn.transaction():
+            ledger.confirm_lease(conn, lease)
+            wait = start_writes(dest, items)
+    else:
+        ledger.confirm_lease(conn, lease)
+        wait = start_writes(dest, items)
+    return Flight(lease, items, wait, result, last)
 
 
-def land_batch(flight, conn, source, delete_source, task_id):
+def land_batch(flight, conn, source, delete_source):
     """Wait for a batch's writes, commit its metadata, delete the old copies."""
     result = flight.result
     written = confirmed_writes(flight.items, flight.wait, result)
     crash_point("after-write")
-    committed = commit_metadata(conn, written, result, task_id, delete_source)
+    committed = commit_metadata(conn, flight.lease, written, result, delete_source)
     crash_point("after-commit")
     if delete_source:
-        delete_sources(source, committed, result)
+        delete_sources(conn, flight.lease, source, committed, result)
         crash_point("after-delete")
     result.moved = [row for row, _ in committed]
     result.bytes = sum(item.stored.size for _, item in committed)
@@ -246,35 +288,166 @@ def within_bytes(rows, limit):
     return rows
 
 
-def finish_batch(spec, shard, flight, source, conn, on_batch):
-    result = land_batch(flight, conn, source, spec.delete_source, spec.task_id)
+def finish_batch(spec, flight, source, conn, on_batch):
+    result = land_batch(flight, conn, source, spec.delete_source)
     for row, reason in result.failures:
         log.error("document %s not moved: %s", row.label, reason)
     for row, reason in result.leftovers:
         log.warning("document %s: %s", row.label, reason)
-    progress.record_batch(
-        conn, spec.task_id, shard.shard_no, len(result.moved), result.bytes, result.failures, result.leftovers,
-        result.deleted,
+    ledger.record_batch(
+        conn, flight.lease, len(result.moved), result.bytes, result.failures, result.leftovers, result.deleted,
     )
-    if result.moved:
-        tasks.add_migrated(conn, spec.task_id, len(result.moved))
     crash_point("after-record")
     if on_batch:
         on_batch()
 
 
+def bind_to_parent(parent_pid):
+    """Die with the parent (Linux PR_SET_PDEATHSIG): a worker must never go on
+    moving documents once the process holding the migration lock is gone."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        log.debug("PR_SET_PDEATHSIG unavailable; the parent is checked before each batch instead")
+    if parent_pid is not None and os.getppid() != parent_pid:
+        raise SystemExit(1)  # the parent died before the death signal was armed
+
+
 def worker_main(spec, log_settings):
     """Entry point of a worker process: one log line, never a traceback."""
+    bind_to_parent(spec.parent_pid)
     logs.configure(*log_settings)
     try:
         run_worker(spec)
     except KeyboardInterrupt:
         raise SystemExit(1) from None
     except Exception as exc:
-        from anchore_objmig.db import redacted
-
-        log.error("worker stopped: %s", redacted(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
+        log.error("worker stopped: %s", db.redacted(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
         raise SystemExit(1) from None
+
+
+def boot_clock():
+    """Seconds on a clock that keeps running while the process is stopped or the host suspended."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
+class Fence:
+    """What this process may still write: the leases it holds, each good
+    until `lease_seconds` after it was last confirmed in the database.
+
+    Drivers call check() right before every request that changes a backend
+    (DriverContext.check_fence). A lease not confirmed in time, or found lost,
+    stops every write of the process: a stale worker must not land anything
+    after its shard may have a new owner.
+    """
+
+    def __init__(self, lease_seconds):
+        self.lease_seconds = lease_seconds
+        self.lock = threading.Lock()
+        self.deadlines = {}  # shard_no -> clock value until which its lease holds
+        self.leases = {}  # shard_no -> Lease
+        self.lost = None  # LeaseLost once any held lease is gone
+
+    def hold(self, lease, confirmed_at):
+        with self.lock:
+            self.leases[lease.shard_no] = lease
+            self.deadlines[lease.shard_no] = confirmed_at + self.lease_seconds
+
+    def release(self, lease):
+        with self.lock:
+            if self.leases.get(lease.shard_no) == lease:
+                del self.leases[lease.shard_no]
+                del self.deadlines[lease.shard_no]
+
+    def held(self):
+        with self.lock:
+            return list(self.leases.values())
+
+    def confirmed(self, shard_nos, at):
+        with self.lock:
+            for shard_no in shard_nos:
+                if shard_no in self.deadlines:
+                    self.deadlines[shard_no] = at + self.lease_seconds
+
+    def mark_lost(self, error):
+        with self.lock:
+            if self.lost is None or (error.run_over and not self.lost.run_over):
+                self.lost = error
+
+    def reset(self):
+        """After the lost leases were dropped: the process may write again under new ones."""
+        with self.lock:
+            self.lost = None
+
+    def check(self):
+        with self.lock:
+            if self.lost is not None:
+                raise self.lost
+            now = boot_clock()
+            for shard_no, deadline in self.deadlines.items():
+                if now > deadline:
+                    raise LeaseLost(f"the lease on shard {shard_no} was not confirmed for {self.lease_seconds:.0f}s")
+
+
+class Heartbeat(threading.Thread):
+    """Confirms this process's leases every few seconds on a connection of its
+    own, whatever a batch is doing, and says whom the worker waits for when a
+    database lock holds it up."""
+
+    def __init__(self, fence, db_settings, watched_conn):
+        super().__init__(name="objmig-heartbeat", daemon=True)
+        self.fence, self.db_settings = fence, db_settings
+        self.watched_pid = watched_conn.info.backend_pid
+        self.interval = max(0.5, fence.lease_seconds / 6)
+        self.stopping = threading.Event()
+        self.conn = None
+        self.reported = set()
+
+    def run(self):
+        while not self.stopping.wait(self.interval):
+            try:
+                self.beat()
+            except psycopg.Error as exc:  # leases simply run out if this keeps failing
+                log.debug("heartbeat failed: %s", db.first_line(exc))
+                self.close()
+
+    def beat(self):
+        if self.conn is None or self.conn.closed:
+            self.conn = db.connect(self.db_settings, autocommit=True, role="heartbeat")
+        leases = self.fence.held()
+        started = boot_clock()
+        refreshed = ledger.heartbeat(self.conn, leases)
+        self.fence.confirmed(refreshed, started)
+        for lease in leases:
+            if lease.shard_no not in refreshed:
+                error = ledger.lost_lease(self.conn, lease)
+                log.warning("stopping work on shard %d: %s", lease.shard_no, error)
+                self.fence.mark_lost(error)
+        self.report_blockers()
+
+    def report_blockers(self):
+        for name, address, state, seconds in db.blockers(self.conn, self.watched_pid):
+            if (name, address) not in self.reported:
+                self.reported.add((name, address))
+                log.warning("waiting for a database lock held by %s at %s (%s for %ss); the server ends a "
+                            "transaction idle for %ss", name, address, state, seconds, db.IDLE_IN_TRANSACTION_SECONDS)
+
+    def stop(self):
+        self.stopping.set()
+        self.join(timeout=10)
+        self.close()
+
+    def close(self):
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg.Error:
+                pass
+            self.conn = None
 
 
 class Pipeline:
@@ -287,93 +460,164 @@ class Pipeline:
 
     DEPTH = 1  # batches in the air while the next is prepared (memory: DEPTH + 1 batches)
 
-    def __init__(self, spec, source, dest, on_batch):
-        self.spec, self.source, self.dest, self.on_batch = spec, source, dest, on_batch
-        self.in_flight = collections.deque()  # (shard, Flight, is its shard's last batch)
+    def __init__(self, spec, source, dest, fence, on_batch):
+        self.spec, self.source, self.dest, self.fence, self.on_batch = spec, source, dest, fence, on_batch
+        self.in_flight = collections.deque()  # Flights
 
-    def launch(self, conn, shard, rows, last):
-        self.in_flight.append((shard, launch_batch(rows, self.source, self.dest, self.spec.dest), last))
+    def launch(self, conn, lease, rows, last):
+        self.fence.check()
+        self.in_flight.append(launch_batch(conn, lease, rows, self.source, self.dest, self.spec.dest, last))
         while len(self.in_flight) > self.DEPTH:
             self.land_oldest(conn)
 
     def land_oldest(self, conn):
-        shard, flight, last = self.in_flight[0]
-        finish_batch(self.spec, shard, flight, self.source, conn, self.on_batch)
+        flight = self.in_flight[0]
+        finish_batch(self.spec, flight, self.source, conn, self.on_batch)
         self.in_flight.popleft()  # only now: a batch that failed to land stays for abandon()
-        if last:
-            progress.finish_shard(conn, self.spec.task_id, shard.shard_no, "done")
+        if flight.last:
+            self.finish(conn, flight.lease)
+
+    def finish(self, conn, lease):
+        ledger.finish_shard(conn, lease, "done")
+        self.fence.release(lease)
 
     def land_all(self, conn):
         while self.in_flight:
             self.land_oldest(conn)
 
     def abandon(self):
-        """The shards of batches not landed (their writes are strays a rerun overwrites)."""
-        shards = {shard.shard_no: shard for shard, _, _ in self.in_flight}
-        for _, flight, _ in self.in_flight:
+        """The leases of batches not landed (their writes are strays a rerun
+        overwrites), once every write in the air has ended."""
+        leases = {flight.lease.shard_no: flight.lease for flight in self.in_flight}
+        for flight in self.in_flight:
             try:  # let writes in the air finish before another worker may redo them
                 flight.wait()
             except Exception:
                 pass
         self.in_flight.clear()
-        return list(shards.values())
+        return list(leases.values())
 
 
-def move_shard(pipeline, conn, where, shard):
+def move_shard(pipeline, conn, where, lease):
     """Launch every batch of a shard; the last is known one batch ahead."""
     spec = pipeline.spec
     previous = None
-    for rows in shard_batches(conn, where, shard, spec.batch_size, spec.batch_bytes):
+    for rows in shard_batches(conn, where, lease.shard, spec.batch_size, spec.batch_bytes):
         if previous is not None:
-            pipeline.launch(conn, shard, previous, last=False)
+            pipeline.launch(conn, lease, previous, last=False)
         previous = rows
     if previous is None:
-        progress.finish_shard(conn, spec.task_id, shard.shard_no, "done")  # nothing left in it
+        pipeline.finish(conn, lease)  # nothing left in it
     else:
-        pipeline.launch(conn, shard, previous, last=True)
+        pipeline.launch(conn, lease, previous, last=True)
 
 
-def run_worker(spec, on_batch=None):
-    """Claim and move shards of the run until none is pending."""
+def run_worker(spec, on_batch=None, stop=None):
+    """Claim and move shards of the run until none can be claimed.
+
+    `stop`: a threading.Event that ends the work between batches (the parent
+    sets it when its run lost the migration lock for good).
+    """
     context = DriverContext(spec.db_settings, spec.io_threads, spec.multipart_threshold)
+    conn = context.db_connection()
+    run = ledger.get_run(conn, spec.task_id)
+    fence = Fence(run.lease_seconds if run else ledger.RunRow.lease_seconds)
+    context.fence = fence
     source = make_driver(spec.source, context)
     dest = make_driver(spec.dest, context)
     where = plan.source_filter(source, dest, spec.buckets)
-    pipeline = Pipeline(spec, source, dest, on_batch)
+    pipeline = Pipeline(spec, source, dest, fence, on_batch)
+    heart = Heartbeat(fence, spec.db_settings, conn)
+    heart.start()
     name = worker_name()
     try:
-        while True:
-            shard = None
+        while stop is None or not stop.is_set():
+            lease = None
             try:
                 conn = context.db_connection()
-                shard = progress.claim_shard(conn, spec.task_id, name)
-                if shard is None:
+                heart.watched_pid = conn.info.backend_pid
+                claimed_at = boot_clock()
+                lease, previous = ledger.claim_shard(conn, spec.task_id, name)
+                if lease is None:
                     pipeline.land_all(conn)
-                    return
+                    if not wait_for_claimable(conn, spec.task_id, stop):
+                        return
+                    continue
+                fence.hold(lease, claimed_at)
+                if previous:
+                    log.warning("took over shard %d from %s, silent for longer than the run's takeover time",
+                                lease.shard_no, previous)
                 crash_point("after-claim")
-                move_shard(pipeline, conn, where, shard)
+                move_shard(pipeline, conn, where, lease)
+            except LeaseLost as lost:
+                stuck = pipeline.abandon()
+                log.warning("%s; this worker stops writing for it", lost)
+                release(context, fence, [*stuck, *([lease] if lease else [])], str(lost), counted=False)
+                fence.reset()
+                if lost.run_over:
+                    return
             except Exception as exc:
-                stuck = {s.shard_no: s for s in [shard, *pipeline.abandon()] if s is not None}.values()
+                stuck = [*pipeline.abandon(), *([lease] if lease else [])]
                 if not stuck:
                     raise  # claiming itself fails: retrying in a loop would only spin
-                give_back(context, spec, stuck, exc)
+                give_back(context, fence, stuck, exc)
     finally:
+        heart.stop()
         source.close()
         dest.close()
         context.close()
 
 
-def give_back(context, spec, shards, exc):
+def wait_for_claimable(conn, task_id, stop):
+    """After a claim found nothing: True to claim again (the run got its
+    migration lock back), False when this worker is done."""
+    if ledger.claim_outlook(conn, task_id) != "no-lock":
+        return False  # done, closed, or the rest is held by live workers
+    log.warning("migration task %d does not hold the migration lock right now; waiting up to %ds for it",
+                task_id, LOCK_WAIT_SECONDS)
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if stop is not None and stop.wait(1):
+            return False
+        if stop is None:
+            time.sleep(1)
+        outlook = ledger.claim_outlook(conn, task_id)
+        if outlook != "no-lock":
+            return outlook == "others"
+    raise ObjmigError(f"migration task {task_id} lost its migration lock and did not get it back "
+                      f"within {LOCK_WAIT_SECONDS}s; this worker stops")
+
+
+def release(context, fence, leases, reason, counted):
+    """Give shards back once their writes are over; nothing happens to those
+    whose lease is already gone."""
+    seen = set()
+    for lease in leases:
+        if lease.shard_no in seen:
+            continue
+        seen.add(lease.shard_no)
+        fence.release(lease)
+        try:
+            ledger.give_back(context.db_connection(), lease, reason[:1000], MAX_SHARD_ATTEMPTS if counted else None)
+        except (psycopg.Error, ObjmigError) as exc:
+            log.debug("could not give back shard %d: %s", lease.shard_no, exc)
+
+
+def give_back(context, fence, leases, exc):
     """After an error: shards go back to pending when the database connection
     dropped (everything committed is consistent), or fail otherwise."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     conn = context.db_connection()
-    for shard in shards:
+    for lease in {lease.shard_no: lease for lease in leases}.values():
+        fence.release(lease)
         if isinstance(exc, psycopg.OperationalError):
-            log.warning("shard %d: database connection lost (%s); giving the shard back", shard.shard_no, reason)
-            state = progress.give_back_shard(conn, spec.task_id, shard.shard_no, MAX_SHARD_ATTEMPTS, str(exc)[:1000])
+            log.warning("shard %d: database connection lost (%s); giving the shard back", lease.shard_no, reason)
+            state = ledger.give_back(conn, lease, str(exc)[:1000], MAX_SHARD_ATTEMPTS)
             if state == "failed":
-                log.error("shard %d failed after %d attempts", shard.shard_no, MAX_SHARD_ATTEMPTS)
+                log.error("shard %d failed after %d attempts", lease.shard_no, MAX_SHARD_ATTEMPTS)
         else:
-            log.error("shard %d (%s/%s) stopped: %s", shard.shard_no, shard.user_id, shard.bucket, reason)
-            progress.finish_shard(conn, spec.task_id, shard.shard_no, "failed", str(exc)[:1000])
+            log.error("shard %d (%s/%s) stopped: %s", lease.shard_no, lease.shard.user_id, lease.shard.bucket, reason)
+            try:
+                ledger.finish_shard(conn, lease, "failed", str(exc)[:1000])
+            except LeaseLost as lost:
+                log.warning("shard %d: %s", lease.shard_no, lost)

@@ -112,7 +112,7 @@ def test_worker_connection_killed_mid_run(db, s3, cli, tmp_path, schema_ready):
                         # the workers' connections, not the parent's (which holds the migration lock)
                         rows = admin.execute(
                             """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                               WHERE application_name = 'anchore-objmig' AND pid <> pg_backend_pid()
+                               WHERE application_name LIKE 'anchore-objmig worker%' AND pid <> pg_backend_pid()
                                  AND pid NOT IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory')""").fetchall()
                         killed.extend(rows)
                     time.sleep(0.05)

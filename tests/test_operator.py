@@ -32,7 +32,7 @@ from anchore_objmig.config import load_store_config
 from anchore_objmig.db import DbSettings, to_conninfo
 from anchore_objmig.drivers import DocRow
 from anchore_objmig.display import ProgressDisplay
-from anchore_objmig.progress import Totals
+from anchore_objmig.ledger import Totals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDRAW = re.compile(r"\r([^\r\n]*)\x1b\[K")  # one in-place redraw of the bar line
@@ -184,7 +184,7 @@ BAR_PROGRAM = r"""
 import logging
 from anchore_objmig import logs
 from anchore_objmig.display import ProgressDisplay
-from anchore_objmig.progress import Totals
+from anchore_objmig.ledger import Totals
 
 logs.configure("INFO", "text")
 now = [100.0]

@@ -25,14 +25,22 @@ class DriverContext:
     db_settings: object = None  # anchore_objmig.db.DbSettings
     io_threads: int = 8
     multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD
+    # The worker's write fence (worker.Fence): checked right before every
+    # request that changes a network backend; None outside a migration.
+    fence: object = None
     _connection: object = field(default=None, repr=False)
+
+    def check_fence(self):
+        """Raise ledger.LeaseLost if this process may no longer write."""
+        if self.fence is not None:
+            self.fence.check()
 
     def db_connection(self):
         """The process's autocommit connection; `with conn.transaction()` scopes work."""
         from anchore_objmig import db
 
         if self._connection is None or self._connection.closed:
-            self._connection = db.connect(self.db_settings, autocommit=True)
+            self._connection = db.connect(self.db_settings, autocommit=True, role="worker")
         return self._connection
 
     def close(self):

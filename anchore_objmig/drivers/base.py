@@ -53,6 +53,7 @@ class Driver:
     scheme = ""  # the URL scheme of content_url
     summary = ""  # one line for list-drivers
     supports_compression = True
+    in_catalog_db = False  # documents kept in the catalog database itself (db, db2)
     # "plain": {base}{userId}/{bucket}/{archiveId}
     # "md5":   {base}{md5(userId)}/{bucket}/{md5(archiveId)[:2]}/{md5(archiveId)}.json
     key_layout = "plain"
@@ -83,6 +84,11 @@ class Driver:
 
     def owns(self, url):
         return url.startswith(self.location)
+
+    def identity(self):
+        """What names this driver's place in a run's manifest (no secrets).
+        db and db2 live in the catalog database, the one holding the run."""
+        return {"driver": self.name, "location": self.location}
 
     def describe(self):
         """The location for messages; never holds a secret."""

@@ -33,6 +33,7 @@ DELETE = """DELETE FROM archive_document d
 class DbDriver(Driver):
     name = "db"
     scheme = "db"
+    in_catalog_db = True  # shares the worker's connection: writes can join its fenced transaction
     supports_compression = False  # stored as text; PostgreSQL compresses it (TOAST)
     summary = "PostgreSQL table archive_document (Anchore's default; no compression)"
 

@@ -28,6 +28,7 @@ DELETE = """DELETE FROM object_storage o
 class Db2Driver(Driver):
     name = "db2"
     scheme = "db2"
+    in_catalog_db = True  # shares the worker's connection: writes can join its fenced transaction
     summary = "PostgreSQL table object_storage (bytea)"
 
     def read_many(self, urls):

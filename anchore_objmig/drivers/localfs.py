@@ -1,5 +1,6 @@
 """The `localfs` driver: one file per document under archive_data_dir."""
 
+import concurrent.futures
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -53,8 +54,13 @@ class LocalFsDriver(Driver):
         return self.submit_writes(items)()
 
     def submit_writes(self, items):
-        futures = [self.executor().submit(write_one, item) for item in items]
-        return lambda: {item.url: future.result() for item, future in zip(items, futures) if future.result()}
+        futures = [self.executor().submit(write_one, item, self.context.check_fence) for item in items]
+
+        def wait():
+            concurrent.futures.wait(futures)  # all of them, even when one raises (a lost lease)
+            return {item.url: future.result() for item, future in zip(items, futures) if future.result()}
+
+        return wait
 
     def delete_many(self, urls):
         results = self.executor().map(delete_one, urls)
@@ -79,8 +85,9 @@ def read_one(url):
         return StorageError(f"cannot read {url}: {exc.strerror}")
 
 
-def write_one(item):
-    """Write to a temporary file, fsync, then rename: a reader never sees half a file."""
+def write_one(item, check_fence=lambda: None):
+    """Write to a temporary file, fsync, then rename: a reader never sees half a file.
+    The rename is what a reader sees, so the write fence is checked right before it."""
     path = path_of(item.url)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -91,6 +98,7 @@ def write_one(item):
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(temporary, 0o644)
+            check_fence()
             os.replace(temporary, path)
         except BaseException:
             os.unlink(temporary)

@@ -6,6 +6,7 @@ that check is what lets a migration delete the source copy afterwards.
 """
 
 import logging
+import concurrent.futures
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -108,6 +109,11 @@ class S3Driver(Driver):
                 self._client = make_client(self.store.driver_config, self.context.io_threads)
         return self._client
 
+    def identity(self):
+        region = self.store.driver_config.get("region")
+        endpoint = self.endpoint.rstrip("/") if self.endpoint else f"aws:{region or 'us-east-1'}"
+        return {**super().identity(), "endpoint": endpoint, "addressing": "path" if self.endpoint else "auto"}
+
     def describe(self):
         where = f" at {self.endpoint}" if self.endpoint else ""
         return f"{self.url_base}{where}"
@@ -193,6 +199,7 @@ class S3Driver(Driver):
         futures = [self.executor().submit(self.write_one, item) for item in items]
 
         def wait():
+            concurrent.futures.wait(futures)  # all of them, even when one raises (a lost lease)
             return {item.url: future.result() for item, future in zip(items, futures) if future.result()}
 
         return wait
@@ -200,6 +207,7 @@ class S3Driver(Driver):
     def write_one(self, item):
         try:
             bucket, key = split_s3_url(item.url)
+            self.context.check_fence()  # no write is sent once this process may no longer write
             if len(item.stored.data) > self.part_size:
                 self.put_multipart(bucket, key, item.stored.data)
             else:
@@ -247,6 +255,7 @@ class S3Driver(Driver):
             # pool this runs on, which they could otherwise wait for forever).
             starts = range(0, len(data), self.part_size)
             parts = list(self.parts_executor().map(send_part, range(1, len(starts) + 1), starts))
+            self.context.check_fence()  # completing is what makes the object visible
             self.client.complete_multipart_upload(
                 Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )

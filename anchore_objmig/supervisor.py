@@ -1,0 +1,210 @@
+"""Worker processes and the migration lock they work under.
+
+`run_workers` starts the worker processes of one host (this process is one of
+them) and waits for them. Each is bound to its parent: it dies with it
+(worker.bind_to_parent). `RunGuard` keeps a run bound to Anchore's migration
+lock: on the host holding it, it notices a dropped database session and takes
+the lock again; on a joining host, it notices when the holder is gone and
+takes the lock over, so the run is never worked on without it.
+"""
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import threading
+import time
+
+import psycopg
+
+from anchore_objmig import db, ledger, worker
+
+log = logging.getLogger(__name__)
+
+GUARD_INTERVAL = 1.0  # seconds between checks of the lock session
+REGAIN_SECONDS = 60  # how long the holder tries to reconnect and take the lock again
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
+
+
+def install_signal_handlers():
+    def on_term(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+class RunGuard(threading.Thread):
+    """Watches the migration lock of one run, in the background.
+
+    `holding`: this process's session `lock_conn` holds the lock for the run.
+    `failure`: why the run can no longer go on from this host (then `stop`
+    is set, and this host's workers stop between batches).
+    """
+
+    def __init__(self, db_settings, task_id, lock_conn=None):
+        super().__init__(name="objmig-run-guard", daemon=True)
+        self.db_settings, self.task_id, self.lock_conn = db_settings, task_id, lock_conn
+        self.holding = lock_conn is not None
+        self.failure = None
+        self.stop = threading.Event()
+        self.ending = threading.Event()
+        self.watch_conn = None
+
+    def run(self):
+        while not self.ending.wait(GUARD_INTERVAL):
+            try:
+                if self.holding:
+                    self.lock_conn.execute("SELECT 1")
+                else:
+                    self.watch()
+            except psycopg.Error as exc:
+                if self.holding:
+                    self.regain(exc)
+                else:
+                    self.close_watch()
+            if self.failure:
+                return
+
+    def watch(self):
+        """On a joining host: take the lock over when its holder is gone."""
+        if self.watch_conn is None or self.watch_conn.closed:
+            self.watch_conn = db.connect(self.db_settings, autocommit=True, role="guard")
+        if ledger.lock_holder_alive(self.watch_conn, self.task_id):
+            return
+        run = ledger.get_run(self.watch_conn, self.task_id)
+        if run is None or run.state != "running":
+            self.fail(f"migration task {self.task_id} was closed")
+            return
+        if self.take_lock(self.watch_conn):
+            log.warning("the host that held the migration lock for task %d (%s) is gone; this host took the lock "
+                        "and will finish the task", self.task_id, run.lock_host)
+            self.watch_conn = None
+
+    def take_lock(self, conn):
+        """Take the migration lock on `conn` and record it as the run's; False if someone else holds it."""
+        if not db.try_migration_lock(conn):
+            return False
+        if not ledger.adopt_run(conn, self.task_id):
+            db.release_migration_lock(conn)
+            self.fail(f"migration task {self.task_id} was closed")
+            return False
+        self.lock_conn, self.holding = conn, True
+        return True
+
+    def regain(self, exc):
+        """The lock session dropped (a database restart, a killed backend): the
+        lock went with it. Reconnect and take it again before anything moves."""
+        log.warning("the database session holding the migration lock was lost (%s); reconnecting",
+                    db.redacted(db.first_line(exc)))
+        self.holding = False
+        self.close_quietly(self.lock_conn)
+        deadline = time.monotonic() + REGAIN_SECONDS
+        while time.monotonic() < deadline and not self.ending.is_set():
+            try:
+                conn = db.connect(self.db_settings, autocommit=True, role="lock")
+            except Exception:  # noqa: BLE001 - keep trying until the deadline
+                time.sleep(GUARD_INTERVAL)
+                continue
+            try:
+                if self.take_lock(conn):
+                    log.warning("reconnected and took the migration lock again for task %d", self.task_id)
+                    return
+                if self.failure:
+                    return
+                if ledger.lock_holder_alive(conn, self.task_id):
+                    run = ledger.get_run(conn, self.task_id)
+                    log.warning("another host (%s) took the migration lock and finishes task %d; this host helps",
+                                run.lock_host if run else "?", self.task_id)
+                    self.watch_conn = conn
+                    return
+                self.close_quietly(conn)
+                self.fail("another process took the migration lock (a new migration or anchore-manager)")
+                return
+            except psycopg.Error:
+                self.close_quietly(conn)
+                time.sleep(GUARD_INTERVAL)
+        self.fail(f"could not reach the database and take the migration lock again within {REGAIN_SECONDS}s")
+
+    def fail(self, reason):
+        self.failure = reason
+        self.stop.set()
+
+    def finish(self):
+        """Stop watching; the lock (if held) is released when its session closes."""
+        self.ending.set()
+        if self.is_alive():
+            self.join(timeout=10)
+        self.close_quietly(self.lock_conn)
+        self.close_watch()
+
+    def close_watch(self):
+        self.close_quietly(self.watch_conn)
+        self.watch_conn = None
+
+    @staticmethod
+    def close_quietly(conn):
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
+
+
+def run_workers(spec, count, log_settings, on_batch=None, stop=None):
+    """Run `count` workers: this process is one of them (it would only wait
+    otherwise, and a new interpreter costs half a second of imports), the
+    others are new processes bound to this one. Their names, for give-back."""
+    spawn = multiprocessing.get_context("spawn")  # no inherited sockets or locks
+    spec = worker.replace_parent(spec, os.getpid())
+    processes = [
+        spawn.Process(target=worker.worker_main, args=(spec, log_settings), name=f"objmig-worker-{n}")
+        for n in range(1, count)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        worker.run_worker(spec, on_batch=on_batch, stop=stop)
+        while any(process.is_alive() for process in processes):
+            multiprocessing.connection.wait([process.sentinel for process in processes], timeout=0.25)
+            if on_batch:
+                on_batch()
+            if stop is not None and stop.is_set():
+                stop_processes(processes)
+    except BaseException:
+        stop_processes(processes)
+        raise
+    for process in processes:
+        if process.exitcode != 0:
+            log.error("worker %s ended with exit status %s", process.name, process.exitcode)
+    return [worker.worker_name(process.pid) for process in processes] + [worker.worker_name()]
+
+
+def stop_processes(processes, timeout=30):
+    """SIGTERM the workers and wait for them: their writes end with them."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def local_and_dead(worker_label):
+    """Whether a worker named host:pid ran on this host and has exited."""
+    host, _, pid = (worker_label or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

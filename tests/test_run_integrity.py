@@ -1,0 +1,308 @@
+"""Run integrity: every process that moves a document owns its shard, under
+the run's lock, with the run's settings (joiners with other configs, frozen
+hosts, frozen transactions, dead parents, database restarts, dead main hosts,
+SIGINT/SIGTERM). Each test checks that no document is lost or corrupted and
+that exit codes and task rows tell the truth.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg
+
+import anchore_sim
+import devservers
+from faultproxy import FaultProxy, Rule
+from helpers import assert_all_readable, section, task_rows, through_proxy, urls, write_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Short leases and S3 timeouts: a silent worker's shard is taken over after
+# 3 s + 1 attempt x (1 s + 3 s) = 7 s.
+FAST = {"max_attempts": 1, "connect_timeout": 1, "read_timeout": 3}
+LEASE = ["--lease-seconds", "3"]
+
+
+class Tool:
+    """anchore-objmig started in the background, in a session of its own."""
+
+    def __init__(self, dsn, args, env=None, tmp_path=None, name="tool"):
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(("ANCHORE", "OBJMIG_CRASH", "OBJMIG_FREEZE"))}
+        environment.update(env or {})
+        self.log_path = tmp_path / f"{name}.log"
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "anchore_objmig", "--db-connect", dsn, *map(str, args)],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=environment, cwd=ROOT,
+            start_new_session=True)
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def state(self):
+        with open(f"/proc/{self.pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+
+    def wait_stopped(self, timeout=120):
+        wait_for(lambda: self.process.poll() is None and self.state() == "T", timeout, f"{self.log_path} to freeze")
+
+    def resume(self):
+        os.kill(self.pid, signal.SIGCONT)
+
+    def finish(self, timeout=300):
+        try:
+            code = self.process.wait(timeout)
+        finally:
+            self.log.close()
+        return code, self.log_path.read_text()
+
+
+def wait_for(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def seed(db, count=120, seed_no=81):
+    docs = anchore_sim.make_docs(count, seed=seed_no, users=("admin", "acme"), buckets=("analysis_data", "manifest_data"))
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    return docs
+
+
+def configs(tmp_path, s3, bucket, compress=False, proxy=None, **extra):
+    config = through_proxy(s3, proxy, bucket, **FAST, **extra) if proxy else s3.driver_config(bucket, **FAST, **extra)
+    source = write_config(tmp_path / "from.yaml", section("db"))
+    dest = write_config(tmp_path / f"to-{compress}-{bool(proxy)}.yaml", section("s3", config, compress=compress, min_size_kbytes=1))
+    return source, dest
+
+
+def migrate_args(source, dest, *extra):
+    return ["migrate", source, dest, "--dontask", "--workers", "1", "--batch-size", "5", "--shard-size", "20",
+            "--progress", "none", *LEASE, *extra]
+
+
+def lock_held(dsn):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute("""SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 2
+                               AND objid = 1 AND objsubid = 2 AND granted""").fetchone()[0] == 1
+
+
+def test_joiner_with_another_s3_endpoint_is_refused(db, s3, cli, tmp_path):
+    docs = seed(db, 40)
+    bucket = s3.new_bucket()
+    source, dest = configs(tmp_path, s3, bucket)
+    main = Tool(cli.dsn, migrate_args(source, dest), {"OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
+    try:
+        main.wait_stopped()
+        with FaultProxy(s3.endpoint) as proxy:  # the same bucket, reached at another address
+            _, other = configs(tmp_path, s3, bucket, proxy=proxy)
+            joined = cli(*migrate_args(source, other, "--join"))
+        assert joined.returncode == 2, joined.stderr
+        assert "cannot join migration task" in joined.stderr and "endpoint" in joined.stderr
+        assert proxy.endpoint in joined.stderr
+        assert urls(db) == {f"db://{d.user_id}/{d.bucket}/{d.archive_id}" for d in docs}  # nothing moved
+    finally:
+        main.resume()
+    code, log = main.finish()
+    assert code == 0, log
+    assert_all_readable(db, s3.client, docs)
+
+
+def test_joiner_takes_the_runs_settings_not_its_own(db, s3, cli, tmp_path):
+    docs = seed(db, 60)
+    bucket = s3.new_bucket()
+    source, dest = configs(tmp_path, s3, bucket, compress=False)
+    # The run keeps source copies and does not compress; the joiner's config compresses and it deletes.
+    main = Tool(cli.dsn, migrate_args(source, dest, "--nodelete"), {"OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
+    try:
+        main.wait_stopped()
+        _, compressing = configs(tmp_path, s3, bucket, compress=True)
+        joined = cli(*migrate_args(source, compressing, "--join"))
+        assert joined.returncode == 0, joined.stderr
+        assert "compression off, keeping source copies" in joined.stderr
+    finally:
+        main.resume()
+    code, log = main.finish()
+    assert code == 0, log
+    assert_all_readable(db, s3.client, docs)
+    rows = db.execute("SELECT bool_or(is_compressed), count(*) FROM archive_metadata WHERE content_url LIKE 's3://%'").fetchone()
+    assert rows == (False, len(docs))  # the run's compression, not the joiner's
+    assert db.execute("SELECT count(*) FROM archive_document").fetchone()[0] == len(docs)  # the run's --nodelete
+    assert task_rows(db)[-1][0] == "complete"
+
+
+def test_frozen_joiner_is_fenced_after_takeover_and_a_migration_back(db, s3, cli, tmp_path):
+    docs = seed(db, 60)
+    bucket = s3.new_bucket()
+    source, dest = configs(tmp_path, s3, bucket)
+    main = Tool(cli.dsn, migrate_args(source, dest), {"OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
+    main.wait_stopped()
+    # The joiner writes its first batch, then freezes before committing it.
+    joiner = Tool(cli.dsn, migrate_args(source, dest, "--join"), {"OBJMIG_FREEZE_AT": "after-write:1"}, tmp_path, "joiner")
+    try:
+        joiner.wait_stopped()
+        main.resume()
+        code, log = main.finish()
+        assert code == 0, log
+        assert "took over shard" in log
+        assert task_rows(db)[-1][0] == "complete"
+        assert_all_readable(db, s3.client, docs)
+        # The operator migrates back; then the frozen joiner wakes up.
+        back = cli("migrate", dest, source, "--dontask", "--progress", "none")
+        assert back.returncode == 0, back.stderr
+        counts = db.execute("SELECT archive_documents_migrated FROM archive_migration_tasks ORDER BY id").fetchall()
+    finally:
+        joiner.resume()
+    code, log = joiner.finish()
+    assert code == 1, log
+    assert "closed" in log or "lock" in log
+    assert_all_readable(db, s3.client, docs)  # no row points at an object the move back deleted
+    assert all(url.startswith("db://") for url in urls(db))
+    assert db.execute("SELECT archive_documents_migrated FROM archive_migration_tasks ORDER BY id").fetchall() == counts
+
+
+def test_joiner_frozen_inside_its_commit_transaction_cannot_stall_the_run(db, s3, cli, tmp_path):
+    docs = seed(db, 60)
+    bucket = s3.new_bucket()
+    source, dest = configs(tmp_path, s3, bucket)
+    main = Tool(cli.dsn, migrate_args(source, dest), {"OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
+    main.wait_stopped()
+    # Frozen "idle in transaction" right after its metadata UPDATE, holding those rows.
+    joiner = Tool(cli.dsn, migrate_args(source, dest, "--join"), {"OBJMIG_FREEZE_AT": "before-commit:1"}, tmp_path, "joiner")
+    try:
+        joiner.wait_stopped()
+        main.resume()
+        code, log = main.finish(timeout=240)  # the server ends the frozen transaction after 30 s
+        assert code == 0, log
+        assert task_rows(db)[-1][0] == "complete"
+        assert_all_readable(db, s3.client, docs)
+    finally:
+        joiner.resume()
+    code, log = joiner.finish()
+    assert code != 0, log
+    assert_all_readable(db, s3.client, docs)
+    assert len(s3.keys(bucket)) == len(docs)
+
+
+def children_of(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as handle:
+        return [int(child) for child in handle.read().split()]
+
+
+def test_workers_die_with_their_parent_and_a_rerun_does_not_race_them(db, s3, cli, tmp_path):
+    docs = seed(db, 200)
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
+        source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
+        args = migrate_args(source, dest)
+        args[args.index("--workers") + 1] = "3"
+        main = Tool(cli.dsn, args, None, tmp_path, "main")
+        wait_for(lambda: len(s3.keys(bucket)) >= 20, 120, "the first documents to move")
+        workers = children_of(main.pid)
+        assert workers
+        os.kill(main.pid, signal.SIGKILL)  # the parent alone: its workers must not go on
+        main.finish()
+        wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+                                 for pid in workers), 10, "the workers to die with their parent")
+        rerun = cli(*migrate_args(source, dest))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "metadata row changed" not in rerun.stderr
+    assert_all_readable(db, s3.client, docs)
+    rows = task_rows(db)
+    assert [row[0] for row in rows] == ["failed", "complete"]
+    before = rows[0]
+    time.sleep(1)  # a closed task's counters never change
+    assert task_rows(db)[0] == before
+
+
+def test_lock_session_killed_is_taken_again_and_excludes_a_second_migration(db, s3, cli, tmp_path):
+    docs = seed(db, 150)
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
+        source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
+        main = Tool(cli.dsn, migrate_args(source, dest), None, tmp_path, "main")
+        wait_for(lambda: len(s3.keys(bucket)) >= 10, 120, "the first documents to move")
+        db.execute("""SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'
+                      AND classid = 2 AND objid = 1 AND objsubid = 2 AND granted""")
+        wait_for(lambda: lock_held(cli.dsn), 30, "the lock to be taken again")
+        second = cli(*migrate_args(source, dest))
+        code, log = main.finish()
+    assert second.returncode == 1 and "another migration is running" in second.stderr
+    assert code == 0, log
+    assert "took the migration lock again" in log
+    assert_all_readable(db, s3.client, docs)
+    assert [row[0] for row in task_rows(db)] == ["complete"]
+
+
+def test_database_restart_mid_run(tmp_path, s3):
+    server = devservers.PostgresServer().start()
+    try:
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            anchore_sim.apply_schema(conn)
+            docs = seed(conn, 150)
+        bucket = s3.new_bucket()
+        with FaultProxy(s3.endpoint) as proxy:
+            proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
+            source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
+            main = Tool(server.dsn, migrate_args(source, dest), None, tmp_path, "main")
+            wait_for(lambda: len(s3.keys(bucket)) >= 10, 120, "the first documents to move")
+            server.restart()
+            code, log = main.finish()
+        assert code == 0, log
+        assert "took the migration lock again" in log
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            assert_all_readable(conn, s3.client, docs)
+            assert [row[0] for row in task_rows(conn)] == ["complete"]
+    finally:
+        server.stop()
+
+
+def test_joiner_finishes_the_run_when_the_main_host_dies(db, s3, cli, tmp_path):
+    docs = seed(db, 200)
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
+        source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
+        main = Tool(cli.dsn, migrate_args(source, dest), None, tmp_path, "main")
+        wait_for(lambda: len(s3.keys(bucket)) >= 5, 120, "the main host to start")
+        joiner = Tool(cli.dsn, migrate_args(source, dest, "--join"), None, tmp_path, "joiner")
+        wait_for(lambda: db.execute("SELECT count(*) FROM objmig_shards WHERE host IS NOT NULL AND worker LIKE %s",
+                                    (f"%:{joiner.pid}",)).fetchone()[0] > 0, 120, "the joiner to claim a shard")
+        os.killpg(main.pid, signal.SIGKILL)  # the host that started the run dies
+        main.finish()
+        code, log = joiner.finish()
+    assert code == 0, log
+    assert "this host took the lock and will finish the task" in log
+    assert_all_readable(db, s3.client, docs)
+    assert [row[0] for row in task_rows(db)] == ["complete"]
+    assert all(url.startswith(f"s3://{bucket}/") for url in urls(db))
+
+
+def test_sigterm_and_sigint_close_the_task_at_once(db, s3, cli, tmp_path):
+    docs = seed(db, 150)
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
+        source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
+        for sig, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+            main = Tool(cli.dsn, migrate_args(source, dest), None, tmp_path, f"main-{status}")
+            wait_for(lambda: db.execute("SELECT count(*) FROM tasks WHERE state = 'running'").fetchone()[0] == 1
+                     and len(s3.keys(bucket)) > 0, 120, "the run to start")
+            os.killpg(main.pid, sig)
+            code, log = main.finish()
+            assert code == status, log
+            assert "closed as failed" in log
+            assert db.execute("SELECT count(*) FROM tasks WHERE state = 'running'").fetchone()[0] == 0
+            assert_all_readable(db, s3.client, docs)
+        rerun = cli(*migrate_args(source, dest))
+    assert rerun.returncode == 0, rerun.stderr
+    assert [row[0] for row in task_rows(db)] == ["failed", "failed", "complete"]
+    assert_all_readable(db, s3.client, docs)

@@ -9,11 +9,12 @@ the target goes through ``redacted``.
 import logging
 import re
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 import psycopg
 
-from anchore_objmig.errors import ObjmigError, UsageError
+from anchore_objmig.errors import ConnectError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,9 @@ log = logging.getLogger(__name__)
 MIGRATION_LOCK = (2, 1)
 APPLICATION_NAME = "anchore-objmig"
 ENV_DB_CONNECT = "ANCHORE_OBJMIG_DB_CONNECT"
-URL_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
+# Greedy to the last "@" of the word: an unencoded "@" in a password must not
+# leave its tail in the output.
+URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)(\S*)(@)")
 KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
 
 
@@ -57,7 +60,17 @@ def to_conninfo(db_connect):
     dialect = scheme.split("+", 1)[0].lower()
     if dialect not in ("postgresql", "postgres"):
         raise UsageError(f"--db-connect: unsupported database URL scheme {scheme!r} (expected postgresql://...)")
-    return "postgresql://" + rest
+    return "postgresql://" + encode_password(rest)
+
+
+def encode_password(rest):
+    """user:p@ss@host/db -> user:p%40ss@host/db: SQLAlchemy takes the last "@" as the
+    end of the password, libpq the first; percent-encoding makes them agree."""
+    if rest.count("@") < 2:
+        return rest
+    userinfo, host = rest.rsplit("@", 1)
+    user, colon, password = userinfo.partition(":")
+    return f"{user}{colon}{urllib.parse.quote(password, safe='')}@{host}"
 
 
 def connect(settings, autocommit=False):
@@ -78,7 +91,7 @@ def connect(settings, autocommit=False):
         except psycopg.OperationalError as exc:
             problem = redacted(first_line(exc))
             if attempt == settings.retries or "password authentication failed" in problem:
-                raise ObjmigError(f"cannot connect to the database {settings.display}: {problem}") from None
+                raise ConnectError(f"cannot connect to the database {settings.display}: {problem}") from None
             log.warning("database not reachable (%s); retrying in %.1fs", problem, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10)

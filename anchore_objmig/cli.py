@@ -3,10 +3,11 @@
 import argparse
 import logging
 import os
+import re
 import sys
 
 from anchore_objmig import __version__, logs
-from anchore_objmig.errors import EXIT_FAILED, EXIT_SIGINT, ObjmigError
+from anchore_objmig.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_TABLE, EXIT_USAGE, ObjmigError
 
 log = logging.getLogger("anchore_objmig")
 
@@ -18,25 +19,70 @@ MinIO (s3) and local files (localfs). A drop-in replacement for
 resumable, and honest about failures. Anchore services must be stopped while
 a migration runs; the database must be up."""
 
-EPILOG = """\
-exit status:
-  0  everything done
-  1  the operation ran and failed for some documents or checks (named on stderr)
-  2  bad usage or configuration; nothing was changed
-
+EPILOG = "exit status:\n" + "".join(f"  {code:<4} {meaning}\n" for code, meaning in EXIT_TABLE) + """
 environment:
   ANCHORE_OBJMIG_DB_CONNECT  database URL when --db-connect is not given
   PGPASSWORD, PGPASSFILE     standard libpq password sources
   ANCHORE_*                  substituted into ${ANCHORE_*} placeholders of config files
   ANCHORE_ENV_FILE           a file of KEY=value lines read for those placeholders
+
+anchore-manager runbooks work unchanged with only the program name replaced:
+  anchore-objmig objectstorage --db-connect URL check|migrate|list-migrations ...
 """
+
+GLOBAL_OPTIONS = ("--db-connect", "--db-use-ssl", "--db-sslmode", "--db-sslrootcert", "--db-retries", "--db-timeout",
+                  "--db-connect-timeout", "--log-format", "-q", "--quiet", "-v", "--verbose", "--debug")
+# argparse echoes a rejected value; it may be a secret given in the wrong place.
+ECHOED_VALUE = re.compile(r"(invalid choice|invalid \w+ value|ambiguous option): .*?(?=$| \(choose from)")
+
+
+def redact_argv_error(message):
+    """An argparse error without any password or rejected value in it."""
+    from anchore_objmig.db import redacted
+
+    return redacted(ECHOED_VALUE.sub(lambda match: match.group(1), message))
+
+
+def describe_extras(extras):
+    """Unrecognized arguments as option names only: the value after an option is
+    typically what it was given, e.g. a database URL with its password."""
+    from anchore_objmig.db import redacted
+
+    shown, after_option = [], False
+    for token in extras:
+        if token.startswith("-") and len(token) > 1:
+            name = token.split("=", 1)[0]
+            shown.append(name + ("=<value>" if "=" in token else ""))
+            after_option = "=" not in token
+        else:
+            shown.append("<value>" if after_option else redacted(token))
+            after_option = False
+    misplaced = [token.split("=", 1)[0] for token in extras if token.split("=", 1)[0] in GLOBAL_OPTIONS]
+    hint = f" ({misplaced[0]} is a global option: put it before the command)" if misplaced else ""
+    return " ".join(shown) + hint
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with every message that repeats the command line redacted."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error("unrecognized arguments: " + describe_extras(extras))
+        return parsed
+
+    def error(self, message):
+        if not message.startswith("unrecognized arguments: "):
+            message = redact_argv_error(message)
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def positive_int(text):
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError("expected a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -46,7 +92,7 @@ def non_negative_float(text):
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        raise argparse.ArgumentTypeError("expected a number of seconds") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
     return value
@@ -76,7 +122,7 @@ def size_bytes(text):
     try:
         value = int(float(number) * factor)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size such as 8MiB, got {text!r}") from None
+        raise argparse.ArgumentTypeError("expected a size such as 8MiB") from None
     if value < 5 * 1024 * 1024:
         raise argparse.ArgumentTypeError("must be at least 5MiB (the smallest S3 multipart part)")
     return value
@@ -97,45 +143,72 @@ def add_metrics_option(parser):
     )
 
 
+def add_database_options(database, suppress=False):
+    """The database options; with `suppress`, unset ones leave the global values alone."""
+    names = ("db_connect", "db_use_ssl", "db_sslmode", "db_sslrootcert", "db_retries", "db_timeout", "db_connect_timeout")
+    defaults = dict.fromkeys(names, argparse.SUPPRESS) if suppress else {}
+    database.add_argument(
+        "--db-connect",
+        metavar="URL",
+        default=defaults.get("db_connect", os.environ.get("ANCHORE_OBJMIG_DB_CONNECT")),
+        help="the Anchore catalog database: postgresql://user:pass@host:5432/db, the SQLAlchemy forms "
+        "postgresql+pg8000:// and postgresql+psycopg2://, or a libpq keyword string "
+        "(default: $ANCHORE_OBJMIG_DB_CONNECT). Leave the password out to use PGPASSWORD or ~/.pgpass",
+    )
+    database.add_argument("--db-use-ssl", action="store_true", default=defaults.get("db_use_ssl", False), help="require SSL (sslmode=require)")
+    database.add_argument(
+        "--db-sslmode",
+        choices=["disable", "allow", "prefer", "require", "verify-ca", "verify-full"],
+        default=defaults.get("db_sslmode"), help="libpq sslmode, e.g. verify-full with --db-sslrootcert (overrides --db-use-ssl)",
+    )
+    database.add_argument("--db-sslrootcert", metavar="FILE", default=defaults.get("db_sslrootcert"), help="CA certificate file to verify the server with")
+    database.add_argument("--db-retries", type=int, default=defaults.get("db_retries", 3), metavar="N", help="connection attempts after the first (default 3)")
+    database.add_argument(
+        "--db-timeout", type=non_negative_float, default=defaults.get("db_timeout", 0), metavar="S",
+        help="cancel any single statement running longer than S seconds; 0: no limit (default)",
+    )
+    database.add_argument("--db-connect-timeout", type=positive_int, default=defaults.get("db_connect_timeout", 10), metavar="S", help="seconds to wait for a connection (default 10)")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="anchore-objmig",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    database = parser.add_argument_group("database (global options, before the command)")
-    database.add_argument(
-        "--db-connect",
-        metavar="URL",
-        default=os.environ.get("ANCHORE_OBJMIG_DB_CONNECT"),
-        help="the Anchore catalog database: postgresql://user:pass@host:5432/db, the SQLAlchemy forms "
-        "postgresql+pg8000:// and postgresql+psycopg2://, or a libpq keyword string "
-        "(default: $ANCHORE_OBJMIG_DB_CONNECT). Leave the password out to use PGPASSWORD or ~/.pgpass",
-    )
-    database.add_argument("--db-use-ssl", action="store_true", help="require SSL (sslmode=require)")
-    database.add_argument(
-        "--db-sslmode",
-        choices=["disable", "allow", "prefer", "require", "verify-ca", "verify-full"],
-        help="libpq sslmode, e.g. verify-full with --db-sslrootcert (overrides --db-use-ssl)",
-    )
-    database.add_argument("--db-sslrootcert", metavar="FILE", help="CA certificate file to verify the server with")
-    database.add_argument("--db-retries", type=int, default=3, metavar="N", help="connection attempts after the first (default 3)")
-    database.add_argument(
-        "--db-timeout", type=non_negative_float, default=0, metavar="S",
-        help="cancel any single statement running longer than S seconds; 0: no limit (default)",
-    )
-    database.add_argument("--db-connect-timeout", type=positive_int, default=10, metavar="S", help="seconds to wait for a connection (default 10)")
+    add_database_options(parser.add_argument_group("database (global options, before the command)"))
     output = parser.add_argument_group("output (global options, before the command)")
     output.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines on stderr as text or one JSON object each (default text)")
     verbosity = output.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    verbosity.add_argument("-v", "--verbose", "--debug", action="store_true", help="log debugging detail")
+    output.add_argument("--json", dest="manager_json", action="store_true", help=argparse.SUPPRESS)  # anchore-manager's; no effect
 
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+    add_commands(commands)
+    add_objectstorage(commands)
+    return parser
 
+
+def add_objectstorage(commands):
+    """anchore-manager's argument order: the database options after `objectstorage`."""
+    objectstorage = commands.add_parser(
+        "objectstorage",
+        help="anchore-manager's form: objectstorage [--db-connect URL ...] check|migrate|list-migrations|list-drivers",
+        description="The same commands in anchore-manager's argument order, so that a runbook only changes "
+        "the program name: anchore-objmig objectstorage --db-connect URL migrate FROM_CONFIG TO_CONFIG.",
+    )
+    add_database_options(objectstorage.add_argument_group("database"), suppress=True)
+    nested = objectstorage.add_subparsers(dest="command", metavar="COMMAND")
+    nested.required = True
+    add_commands(nested, manager_only=True)
+
+
+def add_commands(commands, manager_only=False):
+    """The commands; `manager_only`: just those anchore-manager objectstorage has."""
     check = commands.add_parser(
         "check",
         help="test a configuration: store, fetch and delete a test document",
@@ -160,7 +233,18 @@ def build_parser():
     migrate.add_argument("--dontask", action="store_true", help="do not ask for confirmation (for batch jobs)")
     migrate.add_argument(
         "--bucket", action="append", type=bucket_name, default=[], metavar="NAME",
-        help="only this logical bucket, e.g. analysis_archive (repeatable; not an S3 bucket)",
+        help="only this logical bucket, e.g. analysis_archive (repeatable; not an S3 bucket); "
+        "a name with no document in archive_metadata is refused",
+    )
+    migrate.add_argument(
+        "--all-buckets", action="store_true",
+        help="with --to-analysis-archive and --dontask: really move every logical bucket into the analysis "
+        "archive store (without it that is refused; the usual run has --bucket analysis_archive)",
+    )
+    migrate.add_argument(
+        "--allow-empty", action="store_true",
+        help="run even when FROM_CONFIG's location holds none of the selected documents "
+        "(refused by default: it usually means the wrong config, section or --bucket)",
     )
     migrate.add_argument("--dry-run", action="store_true", help="print what would be moved (per bucket and user) and change nothing")
     migrate.add_argument(
@@ -185,6 +269,11 @@ def build_parser():
     add_progress_option(migrate)
     add_metrics_option(migrate)
 
+    commands.add_parser("list-migrations", help="show the migration history", description="Show every migration task recorded in the database.")
+    commands.add_parser("list-drivers", help="show the storage drivers", description="Show the storage drivers this tool can read and write.")
+    if manager_only:
+        return
+
     verify = commands.add_parser(
         "verify",
         help="read back every document a configuration holds and check it",
@@ -202,9 +291,6 @@ def build_parser():
     add_progress_option(verify)
     add_metrics_option(verify)
 
-    commands.add_parser("list-migrations", help="show the migration history", description="Show every migration task recorded in the database.")
-    commands.add_parser("list-drivers", help="show the storage drivers", description="Show the storage drivers this tool can read and write.")
-    return parser
 
 
 def db_settings(args):
@@ -255,6 +341,8 @@ def dispatch(args):
             delete_source=not args.nodelete,
             ask=not args.dontask and not args.dry_run and not args.join,
             buckets=tuple(dict.fromkeys(args.bucket)),
+            all_buckets=args.all_buckets,
+            allow_empty=args.allow_empty,
             workers=args.workers,
             io_threads=args.io_threads,
             batch_size=args.batch_size,

@@ -11,11 +11,12 @@ import os
 import re
 import socket
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 import psycopg
 
-from anchore_objmig.errors import ObjmigError, UsageError
+from anchore_objmig.errors import ConnectError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,9 @@ IDLE_IN_TRANSACTION_SECONDS = 30
 LOCK_TIMEOUT_SECONDS = 60
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 15, "keepalives_interval": 5, "keepalives_count": 3}
 SERVER_KEEPALIVES = "-c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
-URL_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
+# Greedy to the last "@" of the word: an unencoded "@" in a password must not
+# leave its tail in the output.
+URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)(\S*)(@)")
 KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
 
 
@@ -66,7 +69,17 @@ def to_conninfo(db_connect):
     dialect = scheme.split("+", 1)[0].lower()
     if dialect not in ("postgresql", "postgres"):
         raise UsageError(f"--db-connect: unsupported database URL scheme {scheme!r} (expected postgresql://...)")
-    return "postgresql://" + rest
+    return "postgresql://" + encode_password(rest)
+
+
+def encode_password(rest):
+    """user:p@ss@host/db -> user:p%40ss@host/db: SQLAlchemy takes the last "@" as the
+    end of the password, libpq the first; percent-encoding makes them agree."""
+    if rest.count("@") < 2:
+        return rest
+    userinfo, host = rest.rsplit("@", 1)
+    user, colon, password = userinfo.partition(":")
+    return f"{user}{colon}{urllib.parse.quote(password, safe='')}@{host}"
 
 
 def session_name(role):
@@ -98,7 +111,7 @@ def connect(settings, autocommit=False, role="main"):
         except psycopg.OperationalError as exc:
             problem = redacted(first_line(exc))
             if attempt == settings.retries or "password authentication failed" in problem:
-                raise ObjmigError(f"cannot connect to the database {settings.display}: {problem}") from None
+                raise ConnectError(f"cannot connect to the database {settings.display}: {problem}") from None
             log.warning("database not reachable (%s); retrying in %.1fs", problem, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10)

@@ -1,9 +1,10 @@
 """The exceptions that reach the command line, each mapped to an exit status.
 
-Exit status contract (documented in the man page):
-  0  everything done
-  1  the operation ran and failed for some documents or checks
-  2  bad usage or configuration; nothing was changed
+Exit status contract (the same table is in --help, the man page and README):
+  0    everything done
+  1    the operation ran and failed for some documents or checks
+  2    bad usage or configuration; nothing was changed
+  3    could not connect to or authenticate with the database or S3; nothing was changed
   130  interrupted by SIGINT (Ctrl-C); a migration's task is closed as failed
   143  stopped by SIGTERM; a migration's task is closed as failed
 """
@@ -11,8 +12,18 @@ Exit status contract (documented in the man page):
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_CONNECT = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+
+EXIT_TABLE = (
+    (EXIT_OK, "everything done"),
+    (EXIT_FAILED, "the operation ran and failed for some documents or checks (named on stderr)"),
+    (EXIT_USAGE, "bad usage or configuration; nothing was changed"),
+    (EXIT_CONNECT, "could not connect to or authenticate with the database or S3; nothing was changed"),
+    (EXIT_SIGINT, "interrupted by SIGINT (Ctrl-C); rerun the same command to finish"),
+    (EXIT_SIGTERM, "stopped by SIGTERM; rerun the same command to finish"),
+)
 
 
 class ObjmigError(Exception):
@@ -25,6 +36,12 @@ class UsageError(ObjmigError):
     """Bad command line, configuration or environment; nothing was changed."""
 
     exit_status = EXIT_USAGE
+
+
+class ConnectError(ObjmigError):
+    """The database or S3 could not be reached, or refused our credentials."""
+
+    exit_status = EXIT_CONNECT
 
 
 class ConfigError(UsageError):

@@ -8,13 +8,13 @@ on other hosts with --join) claim shards from the database until none is left.
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psycopg
 import yaml
 from psycopg import sql
 
-from anchore_objmig import db, ledger, manifest, metrics, plan, supervisor, tasks, worker
+from anchore_objmig import db, ledger, manifest, metrics, plan, preflight, supervisor, tasks, worker
 from anchore_objmig.config import load_store_config
 from anchore_objmig.display import ProgressDisplay
 from anchore_objmig.drivers import DriverContext, make_driver
@@ -38,6 +38,9 @@ class MigrateOptions:
     delete_source: bool = True
     ask: bool = True
     buckets: tuple = ()
+    all_buckets: bool = False  # with --to-analysis-archive: every bucket, on purpose
+    allow_empty: bool = False  # run even if the source holds none of the selected documents
+    prompt_note: str = ""  # said before the prompt (set by the pre-flight checks)
     workers: int = 1
     io_threads: int = 32
     batch_size: int = 500
@@ -59,11 +62,11 @@ def load_stores(options):
     return source, dest
 
 
-def confirm(ask):
+def confirm(ask, note=""):
     """The original's prompt; anything but y/yes stops with nothing changed."""
     if not ask:
         return
-    sys.stderr.write(PROMPT)
+    sys.stderr.write(f"NOTE: {note}\n{PROMPT}" if note else PROMPT)
     sys.stderr.flush()
     answer = sys.stdin.readline()
     if not answer:
@@ -97,6 +100,7 @@ def config_snippet(dest, show_secrets):
 def run(options, db_settings):
     source_store, dest_store = load_stores(options)
     metrics.check_path(options.metrics_file)
+    options = replace(options, prompt_note=preflight.analysis_archive_note(options))
     context = DriverContext(db_settings, options.io_threads, options.multipart_threshold)
     source = make_driver(source_store, context)
     dest = make_driver(dest_store, context)
@@ -104,10 +108,13 @@ def run(options, db_settings):
         raise UsageError(
             f"source and destination are the same location ({source.describe()}); nothing to migrate"
         )
+    preflight.check_overlap(source, dest)
     where = plan.source_filter(source, dest, options.buckets)
     conn = db.connect(db_settings, autocommit=True)
     try:
         db.require_anchore_tables(conn)
+        if not options.join:
+            preflight.check_selection(conn, source, dest, options.buckets, options.allow_empty, source_store)
         if options.dry_run:
             return dry_run(conn, where, source, dest, dest_store, options)
         supervisor.install_signal_handlers()
@@ -133,7 +140,7 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
         dest.check_access(write=True, create=False)  # fail before asking, change nothing yet
         describe_store("from", source_store, source, options.show_secrets)
         describe_store("to", dest_store, dest, options.show_secrets)
-        confirm(options.ask)
+        confirm(options.ask, options.prompt_note)
         ledger.ensure_schema(conn)
         dest.check_access(write=True)
         close_abandoned_runs(conn)

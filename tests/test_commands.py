@@ -64,7 +64,7 @@ def test_check_wrong_secret_key(db, s3, cli, tmp_path):
     config = s3.driver_config(bucket)
     config["secret_key"] = "not-the-secret-key-at-all"
     result = cli("check", write_config(tmp_path / "c.yaml", section("s3", config)))
-    assert result.returncode == 2
+    assert result.returncode == 3  # could not authenticate
     assert "credentials" in result.stderr or "Signature" in result.stderr
     assert "not-the-secret-key-at-all" not in result.stdout + result.stderr
     assert len(result.stderr.strip().splitlines()) <= 2

@@ -30,7 +30,7 @@ def test_password_from_pgpassword_and_pgpass(db, cli, tmp_path, schema_ready):
     pgpass.chmod(0o600)
     assert cli("--db-connect", dsn, "list-migrations", db=False, env={"PGPASSFILE": str(pgpass)}).returncode == 0
     refused = cli("--db-connect", dsn, "--db-retries", "0", "list-migrations", db=False, env={"PGPASSFILE": "/nonexistent"})
-    assert refused.returncode == 1 and "cannot connect to the database" in refused.stderr
+    assert refused.returncode == 3 and "cannot connect to the database" in refused.stderr
 
 
 def test_password_in_url_never_printed(db, s3, cli, tmp_path, schema_ready):

@@ -1,5 +1,6 @@
 """The storage drivers, by the name a config's storage_driver.name gives them."""
 
+import re
 from dataclasses import dataclass, field
 
 from anchore_objmig.drivers.base import DocRow, Driver, NotFound, WriteItem
@@ -54,7 +55,9 @@ def driver_class(store):
         raise ConfigError(store.path, f"{store.key}.storage_driver.name", UNSUPPORTED[name])
     if name not in DRIVERS:
         known = ", ".join(sorted(DRIVERS))
-        raise ConfigError(store.path, f"{store.key}.storage_driver.name", f"unknown driver {name!r} (known: {known})")
+        # Echo the name only when it looks like one: a value can be a secret in the wrong key.
+        shown = f" {name!r}" if re.fullmatch(r"[A-Za-z0-9_-]{1,20}", name) else ""
+        raise ConfigError(store.path, f"{store.key}.storage_driver.name", f"unknown driver{shown} (known: {known})")
     return DRIVERS[name]
 
 

@@ -21,7 +21,7 @@ class LocalFsDriver(Driver):
         if not isinstance(directory, str) or not directory.strip():
             raise store.error("archive_data_dir", "required for the localfs driver")
         if not os.path.isabs(directory):
-            raise store.error("archive_data_dir", f"must be an absolute path, got {directory!r}")
+            raise store.error("archive_data_dir", "must be an absolute path")
 
     def __init__(self, store, context):
         super().__init__(store, context)

@@ -16,7 +16,7 @@ import botocore.exceptions
 from anchore_objmig import codec
 from anchore_objmig.drivers import s3_hotpath
 from anchore_objmig.drivers.base import Driver, NotFound
-from anchore_objmig.errors import ObjmigError, StorageError, UsageError
+from anchore_objmig.errors import ConnectError, ObjmigError, StorageError, UsageError
 from anchore_objmig.faults import crash_point
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,11 @@ class S3Driver(Driver):
             raise store.error("prefix", "must be a string")
         url = config.get("url")
         if url and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
-            raise store.error("url", f"must start with http:// or https://, got {url!r}")
+            raise store.error("url", "must start with http:// or https://")
         for key in ("max_attempts", "connect_timeout", "read_timeout"):
             value = config.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                raise store.error(key, f"must be a positive number, got {value!r}")
+                raise store.error(key, "must be a positive number")
 
     def __init__(self, store, context):
         super().__init__(store, context)
@@ -142,11 +142,14 @@ class S3Driver(Driver):
                         "(create it, or set create_bucket: true)"
                     ) from None
             elif code in AUTH_ERRORS:
-                raise UsageError(f"S3 refused our credentials for bucket {self.bucket!r}{self.where()} ({code})") from None
+                raise ConnectError(f"S3 refused our credentials for bucket {self.bucket!r}{self.where()} ({code})") from None
             else:
                 raise ObjmigError(f"S3 bucket {self.bucket!r}{self.where()}: {describe_error(exc)}") from None
+        except botocore.exceptions.NoCredentialsError:
+            raise ConnectError(f"S3{self.where()}: iamauto is set but no AWS credentials were found "
+                               "(environment, profile, or instance/pod role)") from None
         except botocore.exceptions.BotoCoreError as exc:
-            raise ObjmigError(f"cannot reach S3{self.where()}: {describe_error(exc)}") from None
+            raise ConnectError(f"cannot reach S3{self.where()}: {describe_error(exc)}") from None
         if write:
             self.probe_write()
 
@@ -175,10 +178,10 @@ class S3Driver(Driver):
             self.client.delete_object(Bucket=self.bucket, Key=key)
         except botocore.exceptions.ClientError as exc:
             code = error_code(exc)
-            kind = UsageError if code in AUTH_ERRORS else ObjmigError
+            kind = ConnectError if code in AUTH_ERRORS else ObjmigError
             raise kind(f"cannot write to s3://{self.bucket}/{self.prefix}{self.where()}: {describe_error(exc)}") from None
         except botocore.exceptions.BotoCoreError as exc:
-            raise ObjmigError(f"cannot reach S3{self.where()}: {describe_error(exc)}") from None
+            raise ConnectError(f"cannot reach S3{self.where()}: {describe_error(exc)}") from None
 
     # -- bulk operations ---------------------------------------------------
     def read_many(self, urls):

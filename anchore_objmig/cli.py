@@ -6,7 +6,7 @@ import os
 import sys
 
 from anchore_objmig import __version__, logs
-from anchore_objmig.errors import EXIT_FAILED, EXIT_USAGE, ObjmigError
+from anchore_objmig.errors import EXIT_FAILED, EXIT_USAGE, ObjmigError, UsageError
 
 log = logging.getLogger("anchore_objmig")
 
@@ -183,9 +183,19 @@ def build_parser():
     add_progress_option(verify)
     add_metrics_option(verify)
 
-    commands.add_parser("list-migrations", help="show the migration history", description="Show every migration task recorded in the database.")
+    list_migrations = commands.add_parser(
+        "list-migrations", help="show the migration history", description="Show every migration task recorded in the database.")
     commands.add_parser("list-drivers", help="show the storage drivers", description="Show the storage drivers this tool can read and write.")
+    add_output_and_cleanup(commands, migrate, verify, list_migrations)
     return parser
+
+
+def add_output_and_cleanup(commands, migrate, verify, list_migrations):
+    """--json for the commands that report."""
+    migrate.add_argument("--json", action="store_true",
+                         help="with --dry-run: print the plan (by bucket and user, counts and stored bytes) as one JSON document")
+    verify.add_argument("--json", action="store_true", help="print the counts and every bad document as one JSON document")
+    list_migrations.add_argument("--json", action="store_true", help="print the history as one JSON document")
 
 
 def db_settings(args):
@@ -221,12 +231,20 @@ def dispatch(args):
         conn = db.connect(db_settings(args), autocommit=True)
         try:
             db.require_anchore_tables(conn)
-            print(tasks.format_table(tasks.list_tasks(conn)))
+            if args.json:
+                from anchore_objmig.display import print_json
+
+                print_json({"migrations": tasks.as_documents(tasks.list_tasks(conn))})
+            else:
+                print(tasks.format_table(tasks.list_tasks(conn)))
         finally:
             conn.close()
         return 0
     if args.command == "migrate":
         from anchore_objmig import migrate
+
+        if args.json and not args.dry_run:
+            raise UsageError("migrate --json prints the plan: it goes with --dry-run")
 
         options = migrate.MigrateOptions(
             from_config=args.from_config,
@@ -243,6 +261,7 @@ def dispatch(args):
             multipart_threshold=args.multipart_threshold,
             join=args.join,
             dry_run=args.dry_run,
+            json=args.json,
             show_secrets=args.show_secrets,
             progress=progress_mode(args),
             metrics_file=args.metrics_file,
@@ -260,6 +279,7 @@ def dispatch(args):
             progress=progress_mode(args),
             metrics_file=args.metrics_file,
             log_settings=(log_level(args), args.log_format),
+            json=args.json,
         )
         return verify.run(options, db_settings(args))
     raise AssertionError(args.command)

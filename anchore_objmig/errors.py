@@ -4,11 +4,13 @@ Exit status contract (documented in the man page):
   0  everything done
   1  the operation ran and failed for some documents or checks
   2  bad usage or configuration; nothing was changed
+  130 interrupted (SIGINT)
 """
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class ObjmigError(Exception):
@@ -38,3 +40,9 @@ class OperationFailed(ObjmigError):
 
 class StorageError(ObjmigError):
     """A backend refused or failed an operation (one document or a whole batch)."""
+
+
+class Interrupted(ObjmigError):
+    """The operator pressed Ctrl-C; the message says what state was left."""
+
+    exit_status = EXIT_INTERRUPTED

@@ -191,11 +191,27 @@ def build_parser():
 
 
 def add_output_and_cleanup(commands, migrate, verify, list_migrations):
-    """--json for the commands that report."""
+    """--json for the commands that report, and the cleanup command."""
     migrate.add_argument("--json", action="store_true",
                          help="with --dry-run: print the plan (by bucket and user, counts and stored bytes) as one JSON document")
     verify.add_argument("--json", action="store_true", help="print the counts and every bad document as one JSON document")
     list_migrations.add_argument("--json", action="store_true", help="print the history as one JSON document")
+    cleanup = commands.add_parser(
+        "cleanup",
+        help="delete the old copies a migrate --nodelete left behind",
+        description="Delete, from the store FROM_CONFIG configures, the old copies of documents that a recorded "
+        "anchore-objmig migration moved elsewhere and that no metadata row references any more (what "
+        "migrate --nodelete keeps). Nothing else there is touched: a copy that cannot be proved moved stays. "
+        "Reports the copies and bytes freed.",
+    )
+    cleanup.add_argument("from_config", metavar="FROM_CONFIG", help="the config.yaml the migration moved the documents from")
+    cleanup.add_argument("--from-analysis-archive", action="store_true", help="clean FROM_CONFIG's analysis_archive section's store")
+    cleanup.add_argument(
+        "--bucket", action="append", type=bucket_name, default=[], metavar="NAME",
+        help="only this logical bucket (repeatable; not an S3 bucket)",
+    )
+    cleanup.add_argument("--dry-run", action="store_true", help="print what would be deleted (copies and bytes) and change nothing")
+    cleanup.add_argument("--dontask", action="store_true", help="do not ask for confirmation (for batch jobs)")
 
 
 def db_settings(args):
@@ -282,6 +298,17 @@ def dispatch(args):
             json=args.json,
         )
         return verify.run(options, db_settings(args))
+    if args.command == "cleanup":
+        from anchore_objmig import cleanup
+
+        options = cleanup.CleanupOptions(
+            config=args.from_config,
+            analysis_archive=args.from_analysis_archive,
+            buckets=tuple(dict.fromkeys(args.bucket)),
+            ask=not args.dontask and not args.dry_run,
+            dry_run=args.dry_run,
+        )
+        return cleanup.run(options, db_settings(args))
     raise AssertionError(args.command)
 
 

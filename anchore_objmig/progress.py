@@ -14,6 +14,10 @@ objmig_pending_deletes
                  old copies to delete, written in the same transaction that
                  points the metadata elsewhere; a crash before the delete
                  leaves the intent here, and the next run finishes it.
+objmig_moved     the old URL of every document a run moved, written in the
+                 same transaction, forgotten once that copy is deleted (or a
+                 document is moved back onto it): the proof `cleanup` needs
+                 before it removes a copy a --nodelete run left behind.
 """
 
 import socket
@@ -67,6 +71,13 @@ CREATE INDEX IF NOT EXISTS objmig_failures_task ON objmig_failures (task_id);
 CREATE TABLE IF NOT EXISTS objmig_pending_deletes (
     url              text PRIMARY KEY,
     task_id          integer NOT NULL,
+    at               timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS objmig_moved (
+    url              text PRIMARY KEY,  -- the old copy's content_url
+    task_id          integer NOT NULL,  -- the run that moved the document away from it
+    bucket           text NOT NULL,
+    size             bigint,            -- its stored size, from the metadata row
     at               timestamptz NOT NULL DEFAULT now()
 );
 """
@@ -172,7 +183,7 @@ def record_batch(conn, task_id, shard_no, documents, nbytes, failures, leftovers
     """
     with conn.transaction():
         if deleted:
-            conn.execute("DELETE FROM objmig_pending_deletes WHERE url = ANY(%s::text[])", (list(deleted),))
+            forget_pending_deletes(conn, deleted)
         conn.execute(
             """UPDATE objmig_shards SET documents_done = documents_done + %s, bytes_done = bytes_done + %s,
                       documents_failed = documents_failed + %s, heartbeat = now()
@@ -217,7 +228,22 @@ def pending_deletes(conn, location, limit=1000):
 
 
 def forget_pending_deletes(conn, urls):
+    """No copy awaits deletion at these URLs any more (deleted, or written anew)."""
     conn.execute("DELETE FROM objmig_pending_deletes WHERE url = ANY(%s::text[])", (list(urls),))
+    conn.execute("DELETE FROM objmig_moved WHERE url = ANY(%s::text[])", (list(urls),))
+
+
+def note_moved(conn, task_id, rows):
+    """Inside the metadata commit's transaction: the old copies of these
+    DocRows are what this run moved away from (see cleanup.py)."""
+    if rows:
+        conn.execute(
+            """INSERT INTO objmig_moved (url, task_id, bucket, size)
+               SELECT u, %s, b, s FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS v(u, b, s)
+               ON CONFLICT (url) DO UPDATE SET task_id = EXCLUDED.task_id, bucket = EXCLUDED.bucket,
+                                               size = EXCLUDED.size, at = now()""",
+            (task_id, [r.content_url for r in rows], [r.bucket for r in rows], [r.size for r in rows]),
+        )
 
 
 def give_back_shard(conn, task_id, shard_no, max_attempts, error):

@@ -151,6 +151,7 @@ def commit_metadata(conn, written, result, task_id, delete_source):
     with conn.transaction():
         updated = {tuple(key) for key in conn.execute(COMMIT_METADATA, [int(time.time()), *columns])}
         progress.forget_pending_deletes(conn, [item.url for _, item in written])
+        progress.note_moved(conn, task_id, [row for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated])
         if delete_source:
             progress.note_pending_deletes(
                 conn, task_id, [row.content_url for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]

@@ -7,7 +7,7 @@ import re
 import sys
 
 from anchore_objmig import __version__, logs
-from anchore_objmig.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_TABLE, EXIT_USAGE, ObjmigError
+from anchore_objmig.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_TABLE, EXIT_USAGE, ObjmigError, UsageError
 
 log = logging.getLogger("anchore_objmig")
 
@@ -269,9 +269,12 @@ def add_commands(commands, manager_only=False):
     add_progress_option(migrate)
     add_metrics_option(migrate)
 
-    commands.add_parser("list-migrations", help="show the migration history", description="Show every migration task recorded in the database.")
+    list_migrations = commands.add_parser(
+        "list-migrations", help="show the migration history", description="Show every migration task recorded in the database.")
     commands.add_parser("list-drivers", help="show the storage drivers", description="Show the storage drivers this tool can read and write.")
     if manager_only:
+        migrate.set_defaults(json=False)  # anchore-manager's commands have no --json
+        list_migrations.set_defaults(json=False)
         return
 
     verify = commands.add_parser(
@@ -290,7 +293,31 @@ def add_commands(commands, manager_only=False):
     verify.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N", help="worker processes (default: the number of CPUs)")
     add_progress_option(verify)
     add_metrics_option(verify)
+    add_output_and_cleanup(commands, migrate, verify, list_migrations)
 
+
+def add_output_and_cleanup(commands, migrate, verify, list_migrations):
+    """--json for the commands that report, and the cleanup command."""
+    migrate.add_argument("--json", action="store_true",
+                         help="with --dry-run: print the plan (by bucket and user, counts and stored bytes) as one JSON document")
+    verify.add_argument("--json", action="store_true", help="print the counts and every bad document as one JSON document")
+    list_migrations.add_argument("--json", action="store_true", help="print the history as one JSON document")
+    cleanup = commands.add_parser(
+        "cleanup",
+        help="delete the old copies a migrate --nodelete left behind",
+        description="Delete, from the store FROM_CONFIG configures, the old copies of documents that a recorded "
+        "anchore-objmig migration moved elsewhere and that no metadata row references any more (what "
+        "migrate --nodelete keeps). Nothing else there is touched: a copy that cannot be proved moved stays. "
+        "Reports the copies and bytes freed.",
+    )
+    cleanup.add_argument("from_config", metavar="FROM_CONFIG", help="the config.yaml the migration moved the documents from")
+    cleanup.add_argument("--from-analysis-archive", action="store_true", help="clean FROM_CONFIG's analysis_archive section's store")
+    cleanup.add_argument(
+        "--bucket", action="append", type=bucket_name, default=[], metavar="NAME",
+        help="only this logical bucket (repeatable; not an S3 bucket)",
+    )
+    cleanup.add_argument("--dry-run", action="store_true", help="print what would be deleted (copies and bytes) and change nothing")
+    cleanup.add_argument("--dontask", action="store_true", help="do not ask for confirmation (for batch jobs)")
 
 
 def db_settings(args):
@@ -326,12 +353,20 @@ def dispatch(args):
         conn = db.connect(db_settings(args), autocommit=True)
         try:
             db.require_anchore_tables(conn)
-            print(tasks.format_table(tasks.list_tasks(conn)))
+            if args.json:
+                from anchore_objmig.display import print_json
+
+                print_json({"migrations": tasks.as_documents(tasks.list_tasks(conn))})
+            else:
+                print(tasks.format_table(tasks.list_tasks(conn)))
         finally:
             conn.close()
         return 0
     if args.command == "migrate":
         from anchore_objmig import migrate
+
+        if args.json and not args.dry_run:
+            raise UsageError("migrate --json prints the plan: it goes with --dry-run")
 
         options = migrate.MigrateOptions(
             from_config=args.from_config,
@@ -351,6 +386,7 @@ def dispatch(args):
             lease_seconds=args.lease_seconds,
             join=args.join,
             dry_run=args.dry_run,
+            json=args.json,
             show_secrets=args.show_secrets,
             progress=progress_mode(args),
             metrics_file=args.metrics_file,
@@ -368,8 +404,20 @@ def dispatch(args):
             progress=progress_mode(args),
             metrics_file=args.metrics_file,
             log_settings=(log_level(args), args.log_format),
+            json=args.json,
         )
         return verify.run(options, db_settings(args))
+    if args.command == "cleanup":
+        from anchore_objmig import cleanup
+
+        options = cleanup.CleanupOptions(
+            config=args.from_config,
+            analysis_archive=args.from_analysis_archive,
+            buckets=tuple(dict.fromkeys(args.bucket)),
+            ask=not args.dontask and not args.dry_run,
+            dry_run=args.dry_run,
+        )
+        return cleanup.run(options, db_settings(args))
     raise AssertionError(args.command)
 
 

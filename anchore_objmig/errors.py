@@ -24,6 +24,7 @@ EXIT_TABLE = (
     (EXIT_SIGINT, "interrupted by SIGINT (Ctrl-C); rerun the same command to finish"),
     (EXIT_SIGTERM, "stopped by SIGTERM; rerun the same command to finish"),
 )
+EXIT_INTERRUPTED = EXIT_SIGINT  # 128 + SIGINT, as shells report it
 
 
 class ObjmigError(Exception):
@@ -59,3 +60,9 @@ class OperationFailed(ObjmigError):
 
 class StorageError(ObjmigError):
     """A backend refused or failed an operation (one document or a whole batch)."""
+
+
+class Interrupted(ObjmigError):
+    """The operator pressed Ctrl-C; the message says what state was left."""
+
+    exit_status = EXIT_INTERRUPTED

@@ -84,6 +84,13 @@ CREATE TABLE IF NOT EXISTS objmig_pending_deletes (
     task_id          integer NOT NULL,
     at               timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS objmig_moved (
+    url              text PRIMARY KEY,  -- the old copy's content_url
+    task_id          integer NOT NULL,  -- the run that moved the document away from it
+    bucket           text NOT NULL,
+    size             bigint,            -- its stored size, from the metadata row
+    at               timestamptz NOT NULL DEFAULT now()
+);
 """
 
 # One creator at a time: CREATE TABLE IF NOT EXISTS races with itself.
@@ -467,7 +474,22 @@ def pending_deletes(conn, location, limit=1000):
 
 
 def forget_pending_deletes(conn, urls):
+    """No copy awaits deletion at these URLs any more (deleted, or written anew)."""
     conn.execute("DELETE FROM objmig_pending_deletes WHERE url = ANY(%s::text[])", (list(urls),))
+    conn.execute("DELETE FROM objmig_moved WHERE url = ANY(%s::text[])", (list(urls),))
+
+
+def note_moved(conn, task_id, rows):
+    """Inside the metadata commit's transaction: the old copies of these
+    DocRows are what this run moved away from (see cleanup.py)."""
+    if rows:
+        conn.execute(
+            """INSERT INTO objmig_moved (url, task_id, bucket, size)
+               SELECT u, %s, b, s FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS v(u, b, s)
+               ON CONFLICT (url) DO UPDATE SET task_id = EXCLUDED.task_id, bucket = EXCLUDED.bucket,
+                                               size = EXCLUDED.size, at = now()""",
+            (task_id, [r.content_url for r in rows], [r.bucket for r in rows], [r.size for r in rows]),
+        )
 
 
 # -- reports ----------------------------------------------------------------

@@ -3,22 +3,30 @@
 A run ends by writing its figures in the text exposition format, atomically:
 the collector may read the file at any instant, so it must only ever see a
 whole old file or a whole new one (temp file in the same directory, fsync,
-rename). One file can serve both commands: each sample carries a
-command="migrate"|"verify" label and a run replaces only its own command's
-samples, keeping the other's.
+mode 0644, rename, fsync of the directory). One file can serve both
+commands: each sample carries a command="migrate"|"verify" label and a run
+replaces only its own command's samples, keeping the other's.
 
-Every metric is a gauge describing the *last* run, the `_total` ones too:
-the next run may well move fewer documents, so they are not counters.
+prometheus_client renders and parses the format. Its write_to_textfile() is
+not used for the file itself: it neither fsyncs (after a crash the renamed
+file can be empty) nor sets the mode (under umask 077, as in many root cron
+jobs, it writes 0600, which node_exporter's user cannot read).
+
+Every metric is a gauge describing the *last* run (the next run may well
+move fewer documents), so none is named *_total, the suffix Prometheus
+reserves for counters.
 """
 
 import contextlib
 import logging
-import math
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 
 from anchore_objmig.errors import UsageError
 
@@ -28,18 +36,16 @@ PREFIX = "anchore_objmig_"
 MIGRATE, VERIFY = "migrate", "verify"
 # name: HELP text. Written in this order, each family once with HELP and TYPE.
 FAMILIES = {
-    PREFIX + "documents_migrated_total": "Documents moved by the last migrate run.",
-    PREFIX + "bytes_migrated_total": "Stored bytes written by the last migrate run.",
-    PREFIX + "documents_failed_total": "Documents the last migrate run could not move.",
-    PREFIX + "documents_verified_total": "Documents the last verify run read back and checked.",
-    PREFIX + "documents_bad_total": "Documents the last verify run found missing, corrupt or not matching their metadata.",
+    PREFIX + "documents_migrated": "Documents moved by the last migrate run.",
+    PREFIX + "migrated_stored_bytes": "Bytes stored at the destination (after compression) by the last migrate run.",
+    PREFIX + "documents_failed": "Documents the last migrate run could not move.",
+    PREFIX + "documents_verified": "Documents the last verify run read back and checked.",
+    PREFIX + "documents_bad": "Documents the last verify run found missing, corrupt or not matching their metadata.",
     PREFIX + "duration_seconds": "Wall-clock duration of the last run.",
     PREFIX + "last_run_timestamp_seconds": "Unix time the last run ended, successful or not.",
     PREFIX + "last_success_timestamp_seconds": "Unix time the last fully successful run ended.",
 }
 LAST_SUCCESS = PREFIX + "last_success_timestamp_seconds"
-SAMPLE_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
-LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
 @dataclass(frozen=True)
@@ -68,9 +74,9 @@ def samples_for(result, previous=()):
     samples when this run did not succeed."""
     labels = (("command", result.command),)
     counts = {
-        MIGRATE: {"documents_migrated_total": result.documents, "bytes_migrated_total": result.bytes,
-                  "documents_failed_total": result.failed},
-        VERIFY: {"documents_verified_total": result.documents, "documents_bad_total": result.failed},
+        MIGRATE: {"documents_migrated": result.documents, "migrated_stored_bytes": result.bytes,
+                  "documents_failed": result.failed},
+        VERIFY: {"documents_verified": result.documents, "documents_bad": result.failed},
     }[result.command]
     samples = [Sample(PREFIX + name, labels, value) for name, value in counts.items()]
     samples.append(Sample(PREFIX + "duration_seconds", labels, round(result.duration_seconds, 3)))
@@ -139,43 +145,37 @@ def sync_directory(directory):
         os.close(fd)
 
 
-def render(samples):
-    by_family = {}
-    for sample in samples:
-        if sample.name not in FAMILIES:
-            raise ValueError(f"unknown metric {sample.name}")
-        by_family.setdefault(sample.name, {})[sample.labels] = sample  # last one wins
-    lines = []
-    for name, help_text in FAMILIES.items():
-        if name not in by_family:
-            continue
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-        for labels, sample in sorted(by_family[name].items()):
-            lines.append(f"{name}{format_labels(labels)} {format_value(sample.value)}")
-    return "\n".join(lines) + "\n" if lines else ""
+class _Snapshot:
+    """A prometheus_client collector serving fixed samples."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def collect(self):
+        by_family = {}
+        for sample in self.samples:
+            if sample.name not in FAMILIES:
+                raise ValueError(f"unknown metric {sample.name}")
+            by_family.setdefault(sample.name, {})[sample.labels] = sample  # last one wins
+        for name, help_text in FAMILIES.items():
+            if name not in by_family:
+                continue
+            family = GaugeMetricFamily(name, help_text, labels=["command"])
+            for labels, sample in sorted(by_family[name].items()):
+                family.add_metric([dict(labels)["command"]], number(sample.value))
+            yield family
 
 
-def format_labels(labels):
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{key}="{escape(value)}"' for key, value in labels) + "}"
-
-
-def escape(value):
-    """Label value escaping of the text format: backslash, quote, newline."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def format_value(value):
+def number(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"metric value must be a number, got {value!r}")
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
+    return value
+
+
+def render(samples):
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(samples))
+    return generate_latest(registry).decode("utf-8")
 
 
 def read_samples(path):
@@ -190,22 +190,12 @@ def read_samples(path):
         log.warning("ignoring the unreadable metrics file %s: %s", path, exc)
         return []
     samples = []
-    for line in text.splitlines():
-        match = SAMPLE_LINE.match(line)
-        if line.startswith("#") or not match or match.group(1) not in FAMILIES:
-            continue
-        labels = tuple((key, unescape(value)) for key, value in LABEL_PAIR.findall(match.group(2) or ""))
-        try:
-            samples.append(Sample(match.group(1), labels, parse_number(match.group(3))))
-        except ValueError:
-            continue
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in FAMILIES and set(sample.labels) == {"command"}:
+                    samples.append(Sample(sample.name, (("command", sample.labels["command"]),), sample.value))
+    except ValueError as exc:
+        log.warning("ignoring the metrics file %s, which is not in the text format: %s", path, exc)
+        return []
     return samples
-
-
-def parse_number(text):
-    number = float(text)
-    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
-
-
-def unescape(value):
-    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)

@@ -6,7 +6,6 @@ on other hosts with --join) claim shards from the database until none is left.
 """
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -14,9 +13,9 @@ import psycopg
 import yaml
 from psycopg import sql
 
-from anchore_objmig import db, ledger, manifest, metrics, plan, preflight, supervisor, tasks, worker
+from anchore_objmig import db, ledger, manifest, metrics, plan, preflight, prompt, supervisor, tasks, worker
 from anchore_objmig.config import load_store_config
-from anchore_objmig.display import ProgressDisplay
+from anchore_objmig.display import ProgressDisplay, human_bytes, print_json
 from anchore_objmig.drivers import DriverContext, make_driver
 from anchore_objmig.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, ObjmigError, UsageError
 from anchore_objmig.faults import crash_point
@@ -25,7 +24,6 @@ from anchore_objmig.supervisor import Terminated
 
 log = logging.getLogger(__name__)
 
-PROMPT = "Performing this operation requires *all* anchore-engine services to be stopped - proceed? (y/N) "
 NAMED_FAILURES = 200  # at most this many failed documents named on stderr
 
 
@@ -50,6 +48,7 @@ class MigrateOptions:
     lease_seconds: float = manifest.DEFAULT_LEASE_SECONDS
     join: bool = False
     dry_run: bool = False
+    json: bool = False  # with dry_run: the plan as one JSON document on stdout
     show_secrets: bool = False
     progress: str = "auto"  # auto | bar | log | none
     metrics_file: str | None = None
@@ -62,17 +61,17 @@ def load_stores(options):
     return source, dest
 
 
-def confirm(ask, note=""):
-    """The original's prompt; anything but y/yes stops with nothing changed."""
-    if not ask:
-        return
-    sys.stderr.write(f"NOTE: {note}\n{PROMPT}" if note else PROMPT)
-    sys.stderr.flush()
-    answer = sys.stdin.readline()
-    if not answer:
-        raise UsageError("no answer to the prompt (standard input closed); pass --dontask to run unattended")
-    if answer.strip().lower() not in ("y", "yes"):
-        raise UsageError("migration cancelled; nothing was changed")
+def confirm(ask, what=""):
+    """The original's prompt, after `what` the run will do; anything but
+    y/yes stops with nothing changed."""
+    if ask:
+        prompt.ask_to_proceed(what, "migration cancelled; nothing was changed")
+
+
+def prompt_summary(groups, source, dest):
+    documents = sum(group.documents for group in groups)
+    return (f"About to move {documents} documents ({human_bytes(sum(g.bytes for g in groups))} stored at the source) "
+            f"from {source.describe()} to {dest.describe()}.")
 
 
 def describe_store(label, store, driver, show_secrets):
@@ -140,7 +139,9 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
         dest.check_access(write=True, create=False)  # fail before asking, change nothing yet
         describe_store("from", source_store, source, options.show_secrets)
         describe_store("to", dest_store, dest, options.show_secrets)
-        confirm(options.ask, options.prompt_note)
+        if options.ask:
+            summary = prompt_summary(plan.summarize(conn, where), source, dest)
+            confirm(options.ask, f"NOTE: {options.prompt_note}\n{summary}" if options.prompt_note else summary)
         ledger.ensure_schema(conn)
         dest.check_access(write=True)
         close_abandoned_runs(conn)
@@ -158,7 +159,7 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
     except BaseException:
         lock_conn.close()
         raise
-    log.info("migration task %d: %d documents (%s) in %d shards, %d workers",
+    log.info("migration task %d: %d documents (%s stored at the source) in %d shards, %d workers",
              task_id, total, human_bytes(sum(g.bytes for g in groups)), len(shards), options.workers)
     guard = supervisor.RunGuard(db_settings, task_id, lock_conn)
     guard.start()
@@ -352,7 +353,7 @@ def finish(conn, task_id, dest_store, options, seconds):
         documents=totals.documents_done, failed=len(failed), bytes=totals.bytes_done))
     rate = totals.documents_done / seconds if seconds > 0 else 0.0
     retried = f" ({resolved} document errors along the way were resolved by a retry)" if resolved else ""
-    log.info("migration task %d %s: %d documents (%s) moved in %.1fs (%.0f documents/s), %d failed%s",
+    log.info("migration task %d %s: %d documents (%s written) moved in %.1fs (%.0f documents/s), %d failed%s",
              task_id, state, totals.documents_done, human_bytes(totals.bytes_done), seconds, rate, len(failed), retried)
     for user_id, bucket, archive_id, url, error in failed[:NAMED_FAILURES]:
         log.error("FAILED %s/%s/%s (%s): %s", user_id, bucket, archive_id, url, error)
@@ -384,17 +385,41 @@ def dry_run(conn, where, source, dest, dest_store, options):
             sql.SQL("SELECT count(*) FROM archive_metadata m WHERE {} AND (m.is_compressed OR m.size > %s)").format(where),
             (dest_store.compression_threshold,),
         ).fetchone()[0]
+    total = sum(g.documents for g in groups)
+    total_bytes = sum(g.bytes for g in groups)
+    if options.json:
+        print_json(plan_document(groups, source, dest, would_compress, len(shards)))
+        return EXIT_OK
     print(f"dry run: from {source.describe()} to {dest.describe()}; nothing was changed")
     width = max([len("bucket")] + [len(g.bucket) for g in groups])
     user_width = max([len("user")] + [len(g.user_id) for g in groups])
-    print(f"{'bucket'.ljust(width)}  {'user'.ljust(user_width)}  {'documents':>10}  {'bytes':>12}")
+    print(f"{'bucket'.ljust(width)}  {'user'.ljust(user_width)}  {'documents':>10}  {'stored bytes':>12}")
     for group in groups:
         print(f"{group.bucket.ljust(width)}  {group.user_id.ljust(user_width)}  {group.documents:>10}  {group.bytes:>12}")
-    total = sum(g.documents for g in groups)
-    total_bytes = sum(g.bytes for g in groups)
-    print(f"total: {total} documents, {total_bytes} bytes ({human_bytes(total_bytes)}), "
+    print(f"total: {total} documents, {total_bytes} bytes ({human_bytes(total_bytes)}) stored at the source, "
           f"{would_compress} would be compressed, {len(shards)} shards")
     return EXIT_OK
+
+
+def plan_document(groups, source, dest, would_compress, shards):
+    """The dry run's plan for machines: by logical bucket, then by user.
+    Byte counts are the stored sizes at the source (after any compression)."""
+    buckets = {}
+    for group in groups:
+        documents, nbytes = int(group.documents), int(group.bytes)  # sum() of bigint comes back as numeric
+        entry = buckets.setdefault(group.bucket, {"bucket": group.bucket, "documents": 0, "stored_bytes": 0, "users": []})
+        entry["documents"] += documents
+        entry["stored_bytes"] += nbytes
+        entry["users"].append({"user_id": group.user_id, "documents": documents, "stored_bytes": nbytes})
+    return {
+        "dry_run": True,
+        "from": source.describe(),
+        "to": dest.describe(),
+        "buckets": list(buckets.values()),
+        "total": {"documents": sum(b["documents"] for b in buckets.values()),
+                  "stored_bytes": sum(b["stored_bytes"] for b in buckets.values()),
+                  "would_compress": int(would_compress), "shards": shards},
+    }
 
 
 class ProgressReporter:
@@ -426,12 +451,3 @@ class ProgressReporter:
         totals = self.totals()
         if totals is not None:
             self.display.close(totals)
-
-
-def human_bytes(count):
-    size = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{count} B"

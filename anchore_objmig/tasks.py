@@ -5,6 +5,7 @@ Rows are written exactly as Anchore writes them, so Anchore's
 Timestamps are UTC without a zone, as SQLAlchemy's utcnow() gives them.
 """
 
+import datetime
 import os
 import socket
 import threading
@@ -115,6 +116,29 @@ def format_table(rows):
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths)).rstrip() for cell in cells]
     return "\n".join(lines)
+
+
+def as_documents(rows):
+    """The history for machines: one dict per task, times in ISO 8601 UTC."""
+    return [
+        {
+            "id": row.id,
+            "state": row.state,
+            "started_at": iso_utc(row.started_at),
+            "ended_at": iso_utc(row.ended_at),
+            "from_driver": row.from_driver,
+            "to_driver": row.to_driver,
+            "migrated": row.migrated,
+            "total": row.total,
+            "last_updated": iso_utc(row.last_updated),
+        }
+        for row in rows
+    ]
+
+
+def iso_utc(value):
+    """Anchore stores UTC without a zone; say it is UTC."""
+    return value.replace(tzinfo=datetime.timezone.utc).isoformat() if value is not None else None
 
 
 def iso(value):

@@ -23,7 +23,7 @@ from psycopg import sql
 
 from anchore_objmig import codec, db, logs, metrics, plan
 from anchore_objmig.config import load_store_config
-from anchore_objmig.display import ProgressDisplay, decimal_bytes
+from anchore_objmig.display import ProgressDisplay, human_bytes, print_json
 from anchore_objmig.drivers import DocRow, DriverContext, NotFound, make_driver
 from anchore_objmig.errors import EXIT_FAILED, EXIT_OK
 from anchore_objmig.ledger import Totals
@@ -51,6 +51,7 @@ class VerifyOptions:
     progress: str = "auto"
     metrics_file: str | None = None
     log_settings: tuple = ()
+    json: bool = False  # the result as one JSON document on stdout
 
 
 @dataclass(frozen=True)
@@ -285,8 +286,9 @@ def run_here(spec, shards, handle):
 class Tally:
     """The parent's running account; names every bad document as it arrives."""
 
-    def __init__(self, groups, shards, display):
+    def __init__(self, groups, shards, display, keep_bad=False):
         self.shards, self.display = shards, display
+        self.bad_documents = [] if keep_bad else None  # every bad one, for --json
         self.documents = sum(group.documents for group in groups)
         self.bytes = sum(group.bytes for group in groups)
         self.good = self.good_bytes = self.bad = self.changed = self.no_digest = 0
@@ -309,7 +311,9 @@ class Tally:
         self.good_bytes += batch.bytes
         self.changed += batch.changed
         self.no_digest += batch.no_digest
-        self.bad += len(batch.bad)  # counted, not kept: names go out as they come
+        self.bad += len(batch.bad)  # names go out as they come; kept only for --json
+        if self.bad_documents is not None:
+            self.bad_documents += batch.bad
         for user_id, bucket, archive_id, url, reason in batch.bad:
             log.error("BAD %s/%s/%s (%s): %s", user_id, bucket, archive_id, url, reason,
                       extra={"user_id": user_id, "bucket": bucket, "archive_id": archive_id,
@@ -341,7 +345,7 @@ def run(options, db_settings):
         log.info("verifying %d documents at %s (%s) in %d shards, %d workers",
                  sum(g.documents for g in groups), driver.describe(), store.key, len(shards), max(workers, 1))
         started = time.monotonic()
-        tally = Tally(groups, shards, ProgressDisplay(options.progress))
+        tally = Tally(groups, shards, ProgressDisplay(options.progress, bytes_label="checked"), keep_bad=options.json)
         if workers > 1:
             run_parallel(spec, shards, workers, options.log_settings, tally.handle)
         else:
@@ -357,20 +361,45 @@ def finish(tally, driver, options, seconds):
     """Say what was read and what was wrong; the exit status follows."""
     unfinished, bad = tally.unfinished(), tally.bad
     checked = tally.good + bad
-    print(f"verified {checked} documents in {driver.describe()}: "
-          f"{tally.good} good ({decimal_bytes(tally.good_bytes)}), {bad} bad")
-    if tally.changed:
-        print(f"{tally.changed} documents changed or were removed while being read and were not judged")
-    if tally.no_digest:
-        print(f"{tally.no_digest} documents have no digest: only their size and compression were checked")
     for shard in unfinished:
         if shard.shard_no not in tally.failed:
             log.error("shard %d (%s/%s) was not verified: its worker stopped", shard.shard_no, shard.user_id, shard.bucket)
-    if unfinished:
-        print(f"{len(unfinished)} shards could not be verified (named on stderr)")
+    if options.json:
+        print_json(result_document(tally, driver, unfinished))
+    else:
+        print(f"verified {checked} documents in {driver.describe()}: "
+              f"{tally.good} good ({human_bytes(tally.good_bytes)} stored), {bad} bad")
+        if tally.changed:
+            print(f"{tally.changed} documents changed or were removed while being read and were not judged")
+        if tally.no_digest:
+            print(f"{tally.no_digest} documents have no digest: only their size and compression were checked")
+        if unfinished:
+            print(f"{len(unfinished)} shards could not be verified (named on stderr)")
     success = not bad and not unfinished
     recorded = metrics.record(options.metrics_file, metrics.RunResult(
         command=metrics.VERIFY, success=success, duration_seconds=seconds, documents=checked, failed=bad))
     if bad:
         log.error("%d documents are bad (named above): Anchore cannot read them as they are", bad)
     return EXIT_OK if success and recorded else EXIT_FAILED
+
+
+def result_document(tally, driver, unfinished):
+    """verify's result for machines: the counts and every bad document."""
+    return {
+        "location": driver.describe(),
+        "documents": tally.good + tally.bad,
+        "good": tally.good,
+        "good_stored_bytes": tally.good_bytes,
+        "bad": tally.bad,
+        "changed_while_read": tally.changed,
+        "without_digest": tally.no_digest,
+        "bad_documents": [
+            {"user_id": user_id, "bucket": bucket, "archive_id": archive_id, "content_url": url, "reason": reason}
+            for user_id, bucket, archive_id, url, reason in tally.bad_documents
+        ],
+        "unverified_shards": [
+            {"bucket": shard.bucket, "user_id": shard.user_id, "reason": tally.failed.get(shard.shard_no, "its worker stopped")}
+            for shard in unfinished
+        ],
+        "ok": not tally.bad and not unfinished,
+    }

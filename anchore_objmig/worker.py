@@ -166,6 +166,7 @@ def commit_metadata(conn, lease, written, result, delete_source):
         ledger.confirm_lease(conn, lease)  # first: a stale worker commits nothing
         updated = {tuple(key) for key in conn.execute(COMMIT_METADATA, [int(time.time()), *columns])}
         ledger.forget_pending_deletes(conn, [item.url for _, item in written])
+        ledger.note_moved(conn, lease.task_id, [row for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated])
         if delete_source:
             ledger.note_pending_deletes(
                 conn, lease.task_id,

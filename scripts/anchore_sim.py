@@ -37,7 +37,7 @@ def reset_tables(conn):
     conn.execute(
         "TRUNCATE archive_metadata, archive_document, object_storage, archive_migration_tasks, tasks RESTART IDENTITY CASCADE"
     )
-    conn.execute("DROP TABLE IF EXISTS objmig_failures, objmig_shards, objmig_runs, objmig_pending_deletes CASCADE")
+    conn.execute("DROP TABLE IF EXISTS objmig_failures, objmig_shards, objmig_runs, objmig_pending_deletes, objmig_moved CASCADE")
     conn.commit() if not conn.autocommit else None
 
 

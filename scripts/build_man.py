@@ -19,7 +19,9 @@ RELEASE_DATE_EPOCH = "1795996800"  # 2026-12-01, the page's date
 def generate(output):
     from anchore_objmig import __version__
 
-    env = dict(os.environ, SOURCE_DATE_EPOCH=RELEASE_DATE_EPOCH, COLUMNS="80")
+    # This checkout's parser, not whichever anchore_objmig the venv has installed.
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, SOURCE_DATE_EPOCH=RELEASE_DATE_EPOCH, COLUMNS="80", PYTHONPATH=path)
     subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "argparse-manpage"),
          "--module", "anchore_objmig.cli", "--function", "build_parser",

@@ -219,7 +219,7 @@ def test_bar_redraws_one_line_in_place_on_a_terminal():
     assert "40/100 documents" in lines[1] and "40.0%" in lines[1]
     assert "ETA 0:00:02" in lines[1]  # 60 left at 40 documents/s
     final = lines[-1]
-    for fact in ("98/100 documents", "100.0%", "98.0 MB", "49 docs/s", "49.0 MB/s", "2 failed"):
+    for fact in ("98/100 documents", "100.0%", "93.5 MiB written", "49 docs/s", "46.7 MiB/s", "2 failed"):
         assert fact in final, (fact, final)
     # the log line starts on a cleared line, not after the bar's text
     assert re.search(r"\r\x1b\[K\d{4}-\d\d-\d\dT[\d:]+ WARNING a log line between two redraws\r\n", screen)
@@ -301,9 +301,9 @@ def test_metrics_file_parses_and_keeps_the_last_success(tmp_path):
     families, samples = parse_exposition(path.read_text())
     assert all(name.startswith("anchore_objmig_") for name in families)
     assert all(family["help"] and family["type"] == "gauge" for family in families.values())
-    assert metric(samples, "documents_migrated_total", "migrate") == 1000
-    assert metric(samples, "bytes_migrated_total", "migrate") == 5_000_000
-    assert metric(samples, "documents_failed_total", "migrate") == 0
+    assert metric(samples, "documents_migrated", "migrate") == 1000
+    assert metric(samples, "migrated_stored_bytes", "migrate") == 5_000_000
+    assert metric(samples, "documents_failed", "migrate") == 0
     assert metric(samples, "duration_seconds", "migrate") == 12.5
     assert metric(samples, "last_run_timestamp_seconds", "migrate") == 1000
     assert metric(samples, "last_success_timestamp_seconds", "migrate") == 1000
@@ -314,11 +314,11 @@ def test_metrics_file_parses_and_keeps_the_last_success(tmp_path):
     # a verify run shares the file; a failed first one has no success to keep
     metrics.record(str(path), metrics.RunResult("verify", False, 1.0, 990, 2, finished_at=2500.0))
     families, samples = parse_exposition(path.read_text())
-    assert metric(samples, "documents_failed_total", "migrate") == 4
+    assert metric(samples, "documents_failed", "migrate") == 4
     assert metric(samples, "last_run_timestamp_seconds", "migrate") == 2000
     assert metric(samples, "last_success_timestamp_seconds", "migrate") == 1000
-    assert metric(samples, "documents_verified_total", "verify") == 990
-    assert metric(samples, "documents_bad_total", "verify") == 2
+    assert metric(samples, "documents_verified", "verify") == 990
+    assert metric(samples, "documents_bad", "verify") == 2
     assert metric(samples, "last_run_timestamp_seconds", "verify") == 2500
     assert metric(samples, "last_success_timestamp_seconds", "verify") is None
 
@@ -328,7 +328,7 @@ def test_metrics_file_parses_and_keeps_the_last_success(tmp_path):
     assert metric(samples, "last_success_timestamp_seconds", "verify") == 3000
     assert metric(samples, "last_run_timestamp_seconds", "verify") == 4000
     assert metric(samples, "last_success_timestamp_seconds", "migrate") == 1000
-    assert metric(samples, "documents_migrated_total", "migrate") == 10
+    assert metric(samples, "documents_migrated", "migrate") == 10
     assert os.listdir(tmp_path) == ["anchore_objmig.prom"]  # no temp file left behind
 
 
@@ -352,7 +352,7 @@ def test_metrics_readers_never_see_a_partial_file(tmp_path):
     while thread.is_alive() or reads == 0:
         with open(path, encoding="utf-8") as handle:
             families, samples = parse_exposition(handle.read())
-        assert metric(samples, "documents_migrated_total", "migrate") is not None
+        assert metric(samples, "documents_migrated", "migrate") is not None
         assert metric(samples, "last_run_timestamp_seconds", "migrate") is not None
         reads += 1
     thread.join()
@@ -370,16 +370,16 @@ def test_migrate_writes_its_metrics_file(db, s3, cli, tmp_path):
     prom.parent.mkdir()
     assert cli("migrate", source, dest, "--dontask", "--metrics-file", prom).returncode == 1
     _, samples = parse_exposition(prom.read_text())
-    assert metric(samples, "documents_migrated_total", "migrate") == 11
-    assert metric(samples, "documents_failed_total", "migrate") == 1
+    assert metric(samples, "documents_migrated", "migrate") == 11
+    assert metric(samples, "documents_failed", "migrate") == 1
     assert metric(samples, "last_success_timestamp_seconds", "migrate") is None
     failed_at = metric(samples, "last_run_timestamp_seconds", "migrate")
 
     db.execute("""UPDATE archive_document SET jsondata = left(jsondata, -1) WHERE "archiveId" = %s""", (bad.archive_id,))
     assert cli("migrate", source, dest, "--dontask", "--metrics-file", prom).returncode == 0
     _, samples = parse_exposition(prom.read_text())
-    assert metric(samples, "documents_migrated_total", "migrate") == 1
-    assert metric(samples, "bytes_migrated_total", "migrate") == len(bad.content)
+    assert metric(samples, "documents_migrated", "migrate") == 1
+    assert metric(samples, "migrated_stored_bytes", "migrate") == len(bad.content)
     assert metric(samples, "last_success_timestamp_seconds", "migrate") >= failed_at
     assert os.listdir(prom.parent) == ["objmig.prom"]
 
@@ -410,8 +410,8 @@ def test_verify_clean_store(db, s3, cli, tmp_path):
     assert verified(result.stdout) == (len(s3_docs), len(s3_docs), 0)
     assert not bad_lines(result.stderr)
     _, samples = parse_exposition(prom.read_text())
-    assert metric(samples, "documents_verified_total", "verify") == len(s3_docs)
-    assert metric(samples, "documents_bad_total", "verify") == 0
+    assert metric(samples, "documents_verified", "verify") == len(s3_docs)
+    assert metric(samples, "documents_bad", "verify") == 0
     assert metric(samples, "last_success_timestamp_seconds", "verify") is not None
 
     # the db driver's documents are verified by a db configuration, and only they
@@ -455,7 +455,7 @@ def test_verify_names_every_bad_document(db, s3, cli, tmp_path):
         assert len(named) == 1, (doc.archive_id, lines)
         assert metadata_row(db, doc)[0] in named[0] and reason in named[0], named[0]
     _, samples = parse_exposition(prom.read_text())
-    assert metric(samples, "documents_bad_total", "verify") == 4
+    assert metric(samples, "documents_bad", "verify") == 4
     assert metric(samples, "last_success_timestamp_seconds", "verify") is None
 
     # a tampered archive_document row, found by verifying the db configuration

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import yaml
 from psycopg import sql
 
-from anchore_objmig import db, metrics, plan, progress, tasks, worker
+from anchore_objmig import db, integrity, metrics, plan, progress, tasks, worker
 from anchore_objmig.config import load_store_config
 from anchore_objmig.display import ProgressDisplay
 from anchore_objmig.drivers import DriverContext, make_driver
@@ -307,9 +307,9 @@ def finish(conn, task_id, dest_store, options, seconds):
         log.error("shard %d (%s/%s) did not finish: %s", shard_no, user_id, bucket, error or "worker stopped")
     for user_id, bucket, archive_id, url, error in leftovers[:NAMED_FAILURES]:
         log.warning("LEFT %s: %s", url, error)
+    integrity.report_unverifiable(conn, task_id)
     if state != "complete":
-        log.error("migration task %d failed: the documents named above are still at the source and readable; "
-                  "fix the cause and run the same command again to move them", task_id)
+        integrity.explain_failures(task_id, failed, unfinished)
         return EXIT_FAILED
     print(config_snippet(dest_store, options.show_secrets), end="")
     print("Note: if something goes wrong you can reverse the parameters of the migrate command to migrate back.")

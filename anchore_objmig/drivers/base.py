@@ -96,6 +96,11 @@ class Driver:
         """{url: stored bytes or the exception that stopped its read}."""
         raise NotImplementedError
 
+    def read_proven(self, urls):
+        """{url: (stored bytes or exception, proven)}: `proven` when the backend
+        itself vouched that the bytes are whole (an S3 ETag that is their MD5)."""
+        return {url: (found, False) for url, found in self.read_many(urls).items()}
+
     def write_many(self, items):
         """Store every WriteItem; {url: exception} for those that failed."""
         raise NotImplementedError

@@ -6,7 +6,9 @@ that check is what lets a migration delete the source copy afterwards.
 """
 
 import logging
+import random
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -176,15 +178,31 @@ class S3Driver(Driver):
 
     # -- bulk operations ---------------------------------------------------
     def read_many(self, urls):
+        return {url: found for url, (found, _) in self.read_proven(urls).items()}
+
+    def read_proven(self, urls):
         return dict(zip(urls, self.executor().map(self.read_one, urls)))
 
     def read_one(self, url):
-        try:
-            bucket, key = split_s3_url(url)
-            data = s3_hotpath.get(self.fast, bucket, key)
-        except (s3_hotpath.HotPathError, StorageError, OSError) as exc:
-            return StorageError(f"cannot read {url}: {exc}")
-        return NotFound(f"no object at {url}") if data is None else data
+        """(bytes or exception, proven by the ETag); short and cut-off bodies
+        are read again, with backoff, up to max_attempts times."""
+        attempts = int(self.store.driver_config.get("max_attempts", 5))
+        for attempt in range(1, attempts + 1):
+            try:
+                bucket, key = split_s3_url(url)
+                found = s3_hotpath.get(self.fast, bucket, key)
+            except s3_hotpath.HotPathError as exc:
+                if exc.retryable and attempt < attempts:
+                    log.warning("reading %s again (attempt %d of %d): %s", url, attempt + 1, attempts, exc)
+                    time.sleep(min(0.25 * 2 ** attempt, 4) * random.uniform(0.5, 1.0))
+                    continue
+                tries = f" (after {attempt} attempts)" if exc.retryable else ""
+                return StorageError(f"cannot read {url}{tries}: {exc}"), False
+            except (StorageError, OSError) as exc:
+                return StorageError(f"cannot read {url}: {exc}"), False
+            if found is None:
+                return NotFound(f"no object at {url}"), False
+            return found
 
     def write_many(self, items):
         return self.submit_writes(items)()

@@ -47,12 +47,12 @@ def decode(stored_bytes, is_compressed, expected_digest, expected_size=None):
     A NULL digest or size (rows written by old Anchore versions) cannot be
     checked; whatever is known is, and any mismatch refuses the document.
     """
-    if expected_size is not None and len(stored_bytes) != expected_size:
-        raise CorruptDocument(f"size mismatch: metadata says {expected_size} bytes, read {len(stored_bytes)}")
     if expected_digest:
         actual = md5_of(stored_bytes).hexdigest()
         if actual != expected_digest.strip().lower():
             raise DigestMismatch(f"digest mismatch: metadata says {expected_digest}, stored bytes hash to {actual}")
+    if expected_size is not None and len(stored_bytes) != expected_size:
+        raise CorruptDocument(f"size mismatch: metadata says {expected_size} bytes, read {len(stored_bytes)}")
     if not is_compressed:
         return stored_bytes
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import yaml
 from psycopg import sql
 
-from anchore_objmig import db, integrity, metrics, plan, progress, tasks, worker
+from anchore_objmig import db, integrity, metrics, plan, progress, scope, tasks, worker
 from anchore_objmig.config import load_store_config
 from anchore_objmig.display import ProgressDisplay
 from anchore_objmig.drivers import DriverContext, make_driver
@@ -133,6 +133,7 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
     confirm(options.ask)
     progress.ensure_schema(conn)
     dest.check_access(write=True)
+    dest.clean_up_before_run(conn)
     close_abandoned_runs(conn)
     if options.delete_source:
         finish_pending_deletes(conn, source)
@@ -290,7 +291,8 @@ def finish(conn, task_id, dest_store, options, seconds):
     failed = progress.failures(conn, task_id, "document")
     leftovers = progress.failures(conn, task_id, "source-copy")
     unfinished = progress.failed_shards(conn, task_id)
-    state = "complete" if not failed and not unfinished else "failed"
+    left = scope.report(conn, options)  # rows in scope anywhere but the destination
+    state = "complete" if not failed and not unfinished and not left.elsewhere else "failed"
     metrics.record(options.metrics_file, metrics.RunResult(
         command=metrics.MIGRATE, success=state == "complete" and not leftovers, duration_seconds=seconds,
         documents=totals.documents_done, failed=len(failed), bytes=totals.bytes_done))
@@ -339,6 +341,7 @@ def dry_run(conn, where, source, dest, dest_store, options):
     total_bytes = sum(g.bytes for g in groups)
     print(f"total: {total} documents, {total_bytes} bytes ({human_bytes(total_bytes)}), "
           f"{would_compress} would be compressed, {len(shards)} shards")
+    scope.print_plan(conn, source, dest, options)
     return EXIT_OK
 
 

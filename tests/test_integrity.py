@@ -127,3 +127,73 @@ def test_one_bad_row_fails_alone_and_the_batch_moves(db, cli, tmp_path):
     assert moved == len(docs) - 1
     assert task_rows(db)[0][:1] == ("failed",)
     assert_all_readable(db, None, [d for d in docs if d is not bad], skip={bad.archive_id})
+def test_unverifiable_documents_are_named_and_get_digest_and_size(db, cli, tmp_path):
+    docs = anchore_sim.make_docs(8, seed=94)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    blind = docs[:3]
+    db.execute('UPDATE archive_metadata SET digest = NULL, size = NULL WHERE "archiveId" = ANY(%s)',
+               ([d.archive_id for d in blind],))
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("db2"))
+    dry = cli("migrate", source, dest, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "unverifiable: 3" in dry.stdout and all(d.archive_id in dry.stdout for d in blind)
+    result = cli("migrate", source, dest, "--dontask")
+    assert result.returncode == 0, result.stderr
+    named = [line for line in result.stderr.splitlines() if "UNVERIFIABLE" in line]
+    assert sorted(named) == sorted(line for line in named if any(d.archive_id in line for d in blind))
+    assert len(named) == 3
+    for doc in blind:
+        digest, size = db.execute('SELECT digest, size FROM archive_metadata WHERE "archiveId" = %s',
+                                  (doc.archive_id,)).fetchone()
+        assert digest == anchore_sim.md5hex(doc.content) and size == len(doc.content)
+    assert_all_readable(db, None, docs)
+
+
+
+
+def add_row(db, archive_id, url, bucket="analysis_data"):
+    db.execute(
+        """INSERT INTO archive_metadata (bucket, "archiveId", "userId", "documentName", content_url, is_compressed,
+               digest, size, document_metadata, created_at, last_updated, record_state_key, record_state_val)
+           VALUES (%s, %s, 'admin', %s, %s, false, NULL, NULL, NULL, 1, 1, 'active', NULL)""",
+        (bucket, archive_id, archive_id + ".json", url),
+    )
+
+
+def test_rows_the_run_cannot_move_are_counted_and_keep_it_from_complete(db, cli, tmp_path):
+    docs = anchore_sim.make_docs(10, seed=97)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    add_row(db, "no-url-1", None)
+    add_row(db, "no-url-2", None)
+    add_row(db, "swifty", "swift://anchore/admin/analysis_data/swifty")
+    add_row(db, "weird", "ftp://somewhere/admin/analysis_data/weird")
+    add_row(db, "elsewhere", "s3://another-bucket/admin/analysis_data/elsewhere")
+    add_row(db, "out-of-scope", None, bucket="not_selected")
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("db2"))
+    buckets = sorted({d.bucket for d in docs} | {"analysis_data"})
+    selection = [f"--bucket={name}" for name in buckets]
+
+    dry = cli("migrate", source, dest, "--dry-run", *selection)
+    assert dry.returncode == 0, dry.stderr
+    for expected in ("no URL: 2 rows", "unsupported driver: 1 rows", "unknown scheme: 1 rows",
+                     "another location: 1 rows", "admin/analysis_data/no-url-1", "swift://anchore/admin",
+                     "ftp://somewhere", "s3://another-bucket/admin/analysis_data/elsewhere", "anchore-manager"):
+        assert expected in dry.stdout, expected
+    assert "out-of-scope" not in dry.stdout  # its bucket is not selected
+
+    result = cli("migrate", source, dest, "--dontask", *selection)
+    assert result.returncode == 1
+    assert "MUST have this" not in result.stdout  # no "switch your config" while rows are elsewhere
+    assert "5 rows in scope are not at the destination" in result.stderr
+    assert "no-url-1" in result.stderr and "swift://anchore" in result.stderr
+    assert task_rows(db)[0][0] == "failed"
+    assert db.execute("SELECT count(*) FROM archive_metadata WHERE content_url LIKE 'db2://%%'").fetchone()[0] == len(docs)
+
+    db.execute("""DELETE FROM archive_metadata WHERE "archiveId" IN ('no-url-1', 'no-url-2', 'swifty', 'weird',
+                  'elsewhere')""")
+    again = cli("migrate", source, dest, "--dontask", *selection)
+    assert again.returncode == 0, again.stderr
+    assert "MUST have this" in again.stdout
+    assert [row[0] for row in task_rows(db)] == ["failed", "complete"]

@@ -92,6 +92,10 @@ class Driver:
         """Fail early if the backend cannot be reached (or written, if `write`);
         create what the config says may be created only if `create`."""
 
+    def clean_up_before_run(self, conn):
+        """As a migration's destination, before it writes: remove what killed
+        writes of earlier runs left behind (and say how much)."""
+
     def read_many(self, urls):
         """{url: stored bytes or the exception that stopped its read}."""
         raise NotImplementedError

@@ -65,6 +65,7 @@ def run(config_path, analysis_archive, db_settings):
             log.info("removing test document")
             remove_document(conn, driver, archive_id)
         confirm_gone(conn, driver, archive_id, url)
+        report_incomplete_uploads(driver)
         log.info("object store config check completed successfully")
         print(f"check passed: {config_path} ({store.key}, driver {store.driver_name}) can store, fetch and delete")
         return EXIT_OK
@@ -72,6 +73,24 @@ def run(config_path, analysis_archive, db_settings):
         driver.close()
         conn.close()
         context.close()
+
+
+def report_incomplete_uploads(driver):
+    """S3: incomplete multipart uploads under the prefix hold storage nobody sees."""
+    listing = getattr(driver, "incomplete_uploads", None)
+    if listing is None:
+        return
+    try:
+        uploads = listing()
+    except Exception as exc:  # noqa: BLE001 - a report, not a check of the config
+        log.warning("could not list incomplete multipart uploads: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        return
+    if uploads:
+        print(f"note: {len(uploads)} incomplete multipart uploads under {driver.url_base} (e.g. {uploads[0][0]}): "
+              "storage held by interrupted uploads; the next migrate into this location aborts those of its "
+              "documents, or abort them with your S3 tools")
+    else:
+        print(f"no incomplete multipart uploads under {driver.url_base}")
 
 
 def store_document(conn, driver, store, archive_id, payload):

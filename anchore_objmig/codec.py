@@ -19,7 +19,8 @@ class DigestMismatch(ValueError):
 
 
 class CorruptDocument(ValueError):
-    """The stored bytes claim to be compressed but do not decompress."""
+    """The stored bytes cannot be what was stored: they do not decompress, do
+    not decode from base64, or are not as long as the metadata says."""
 
 
 @dataclass(frozen=True)
@@ -40,16 +41,18 @@ def md5_of(data):
     return hashlib.md5(data, usedforsecurity=False)
 
 
-def decode(stored_bytes, is_compressed, expected_digest):
-    """The document's plain bytes, after checking the digest of what was stored.
+def decode(stored_bytes, is_compressed, expected_digest, expected_size=None):
+    """The document's plain bytes, after checking the digest and size of what was stored.
 
-    A NULL digest (rows written by very old Anchore versions) cannot be checked
-    and is accepted; any other mismatch refuses the document.
+    A NULL digest or size (rows written by old Anchore versions) cannot be
+    checked; whatever is known is, and any mismatch refuses the document.
     """
     if expected_digest:
         actual = md5_of(stored_bytes).hexdigest()
         if actual != expected_digest.strip().lower():
             raise DigestMismatch(f"digest mismatch: metadata says {expected_digest}, stored bytes hash to {actual}")
+    if expected_size is not None and len(stored_bytes) != expected_size:
+        raise CorruptDocument(f"size mismatch: metadata says {expected_size} bytes, read {len(stored_bytes)}")
     if not is_compressed:
         return stored_bytes
     try:
@@ -98,5 +101,8 @@ def from_db_text(jsondata, b64_encoded):
     if jsondata is None:
         return b""
     if b64_encoded:
-        return base64.b64decode(jsondata)
+        try:
+            return base64.b64decode(jsondata)
+        except (ValueError, TypeError) as exc:  # binascii.Error is a ValueError
+            raise CorruptDocument(f"b64_encoded but not valid base64: {exc}") from None
     return jsondata.encode("utf-8")

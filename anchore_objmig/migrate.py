@@ -13,7 +13,7 @@ import psycopg
 import yaml
 from psycopg import sql
 
-from anchore_objmig import db, ledger, manifest, metrics, plan, preflight, prompt, supervisor, tasks, worker
+from anchore_objmig import db, integrity, ledger, manifest, metrics, plan, preflight, prompt, scope, supervisor, tasks, worker
 from anchore_objmig.config import load_store_config
 from anchore_objmig.display import ProgressDisplay, human_bytes, print_json
 from anchore_objmig.drivers import DriverContext, make_driver
@@ -144,6 +144,7 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
             confirm(options.ask, f"NOTE: {options.prompt_note}\n{summary}" if options.prompt_note else summary)
         ledger.ensure_schema(conn)
         dest.check_access(write=True)
+        dest.clean_up_before_run(conn)
         close_abandoned_runs(conn)
         if options.delete_source:
             finish_pending_deletes(conn, source)
@@ -345,7 +346,8 @@ def finish(conn, task_id, dest_store, options, seconds):
     leftovers = ledger.failures(conn, task_id, "source-copy")
     unfinished = ledger.failed_shards(conn, task_id)
     resolved = ledger.resolved_failures(conn, task_id)
-    state = "complete" if not failed and not unfinished else "failed"
+    left = scope.report(conn, options)  # rows in scope anywhere but the destination
+    state = "complete" if not failed and not unfinished and not left.elsewhere else "failed"
     ledger.close_run(conn, task_id, state)
     totals = ledger.totals(conn, task_id)  # final: no fenced write lands after the close
     metrics.record(options.metrics_file, metrics.RunResult(
@@ -363,9 +365,9 @@ def finish(conn, task_id, dest_store, options, seconds):
         log.error("shard %d (%s/%s) did not finish: %s", shard_no, user_id, bucket, error or "worker stopped")
     for user_id, bucket, archive_id, url, error in leftovers[:NAMED_FAILURES]:
         log.warning("LEFT %s: %s", url, error)
+    integrity.report_unverifiable(conn, task_id)
     if state != "complete":
-        log.error("migration task %d failed: the documents named above are still at the source and readable; "
-                  "fix the cause and run the same command again to move them", task_id)
+        integrity.explain_failures(task_id, failed, unfinished)
         return EXIT_FAILED
     print(config_snippet(dest_store, options.show_secrets), end="")
     print("Note: if something goes wrong you can reverse the parameters of the migrate command to migrate back.")
@@ -398,6 +400,7 @@ def dry_run(conn, where, source, dest, dest_store, options):
         print(f"{group.bucket.ljust(width)}  {group.user_id.ljust(user_width)}  {group.documents:>10}  {group.bytes:>12}")
     print(f"total: {total} documents, {total_bytes} bytes ({human_bytes(total_bytes)}) stored at the source, "
           f"{would_compress} would be compressed, {len(shards)} shards")
+    scope.print_plan(conn, source, dest, options)
     return EXIT_OK
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import psycopg
 
-from anchore_objmig import codec, db, ledger, logs, plan
+from anchore_objmig import codec, db, integrity, ledger, logs, plan
 from anchore_objmig.faults import crash_point
 from anchore_objmig.db import DbSettings
 from anchore_objmig.drivers import DocRow, DriverContext, NotFound, WriteItem, make_driver
@@ -66,6 +66,8 @@ class BatchResult:
     failures: list = field(default_factory=list)  # (DocRow, reason), still at the source
     leftovers: list = field(default_factory=list)  # (DocRow, reason), moved, old copy not deleted
     deleted: list = field(default_factory=list)  # old URLs deleted
+    unverifiable: list = field(default_factory=list)  # DocRows read with nothing to check them against
+    kept: list = field(default_factory=list)  # old URLs another metadata row still points at
 
 
 def replace_parent(spec, pid):
@@ -78,32 +80,41 @@ def worker_name(pid=None):
 
 
 def read_sources(source, rows):
-    """{content_url: stored bytes or exception} for a batch, in one bulk read."""
+    """{content_url: (stored bytes or exception, proven whole by the backend)}
+    for a batch, in one bulk read."""
     try:
-        return source.read_many([row.content_url for row in rows])
+        return source.read_proven([row.content_url for row in rows])
     except Exception as exc:  # the whole bulk read failed: every document fails
-        return {row.content_url: exc for row in rows}
+        return {row.content_url: (exc, False) for row in rows}
 
 
 def prepare_writes(rows, found, dest, dest_store, result):
-    """Decode and check each document, then encode it for the destination."""
+    """Decode and check each document, then encode it for the destination.
+    Each document fails alone: the rest of the batch goes on."""
     compress = dest_store.compression_enabled and dest.supports_compression
     threshold = dest_store.compression_threshold
     items = []
     for row in rows:
-        stored = found.get(row.content_url)
-        if stored is None:
-            stored = NotFound(f"no document at {row.content_url}")
+        stored, proven = found.get(row.content_url, (None, False))
+        if stored is None or isinstance(stored, NotFound):
+            result.failures.append((row, f"{integrity.MISSING}: {stored or f'no document at {row.content_url}'}"))
+            continue
         if isinstance(stored, Exception):
-            result.failures.append((row, f"unreadable at the source: {stored}"))
+            kind = integrity.CORRUPT if isinstance(stored, codec.CorruptDocument) else integrity.UNREADABLE
+            result.failures.append((row, f"{kind}: {stored}"))
             continue
         try:
-            plain = codec.decode(stored, row.is_compressed, row.digest)
+            plain = codec.decode(stored, row.is_compressed, row.digest, row.size)
+            # The digest was just checked against these very bytes when they were stored plain.
+            encoded = codec.encode(plain, compress, threshold, None if row.is_compressed else row.digest)
         except (codec.DigestMismatch, codec.CorruptDocument) as exc:
-            result.failures.append((row, str(exc)))
+            result.failures.append((row, f"{integrity.CORRUPT}: {exc}"))
             continue
-        # The digest was just checked against these very bytes when they were stored plain.
-        encoded = codec.encode(plain, compress, threshold, None if row.is_compressed else row.digest)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, it is this document's alone
+            result.failures.append((row, f"{integrity.UNREADABLE}: {type(exc).__name__}: {exc}"))
+            continue
+        if not proven and row.digest is None and row.size is None:
+            result.unverifiable.append(row)  # moved as read; named in the report
         url = dest.url_for(row.user_id, row.bucket, row.archive_id)
         items.append((row, WriteItem(url, row.user_id, row.bucket, row.archive_id, encoded)))
     return items
@@ -166,12 +177,13 @@ def commit_metadata(conn, lease, written, result, delete_source):
         ledger.confirm_lease(conn, lease)  # first: a stale worker commits nothing
         updated = {tuple(key) for key in conn.execute(COMMIT_METADATA, [int(time.time()), *columns])}
         ledger.forget_pending_deletes(conn, [item.url for _, item in written])
-        ledger.note_moved(conn, lease.task_id, [row for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated])
+        old_urls = [row.content_url for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]
+        ledger.note_moved(conn, lease.task_id, [row for row, _ in written if row.content_url in set(old_urls)])
+        # A stored copy another row still points at is kept: it goes with the last row that uses it.
+        free = integrity.unreferenced(conn, old_urls)
+        result.kept = sorted(set(old_urls) - free)
         if delete_source:
-            ledger.note_pending_deletes(
-                conn, lease.task_id,
-                [row.content_url for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]
-            )
+            ledger.note_pending_deletes(conn, lease.task_id, sorted(free))
         crash_point("before-commit")
     committed = []
     for row, item in written:
@@ -183,12 +195,15 @@ def commit_metadata(conn, lease, written, result, delete_source):
 
 
 def delete_sources(conn, lease, source, committed, result):
-    """Delete the old copies of documents whose metadata now points elsewhere.
+    """Delete the old copies of documents whose metadata now points elsewhere
+    (but those another metadata row still points at).
 
     Fenced like a write: a database source deletes inside a transaction that
     checks the lease; a network source only while this process may write.
     """
-    urls = [row.content_url for row, _ in committed]
+    kept = set(result.kept)
+    committed = [(row, item) for row, item in committed if row.content_url not in kept]
+    urls = sorted({row.content_url for row, _ in committed})
     try:
         if source.in_catalog_db:
             with conn.transaction():
@@ -205,7 +220,7 @@ def delete_sources(conn, lease, source, committed, result):
     for row, _ in committed:
         if row.content_url in errors:
             result.leftovers.append((row, f"moved, but the source copy was not deleted: {errors[row.content_url]}"))
-        else:
+        elif row.content_url not in result.deleted:
             result.deleted.append(row.content_url)
 
 
@@ -298,6 +313,7 @@ def finish_batch(spec, flight, source, conn, on_batch):
     ledger.record_batch(
         conn, flight.lease, len(result.moved), result.bytes, result.failures, result.leftovers, result.deleted,
     )
+    integrity.record_unverifiable(conn, flight.lease.task_id, [row for row in result.unverifiable if row in set(result.moved)])
     crash_point("after-record")
     if on_batch:
         on_batch()

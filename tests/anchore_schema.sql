@@ -19,7 +19,7 @@ CREATE TABLE IF NOT EXISTS archive_metadata (
     document_metadata varchar,
     created_at        integer,
     last_updated      integer,
-    record_state_key  varchar DEFAULT 'active',
+    record_state_key  varchar,
     record_state_val  varchar,
     PRIMARY KEY (bucket, "archiveId", "userId", "documentName")
 );
@@ -31,10 +31,10 @@ CREATE TABLE IF NOT EXISTS archive_document (
     "documentName"    varchar NOT NULL,
     created_at        integer,
     last_updated      integer,
-    record_state_key  varchar DEFAULT 'active',
+    record_state_key  varchar,
     record_state_val  varchar,
     jsondata          varchar,
-    b64_encoded       boolean DEFAULT false,
+    b64_encoded       boolean,
     PRIMARY KEY (bucket, "archiveId", "userId", "documentName")
 );
 
@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS object_storage (
     "userId"          varchar NOT NULL,
     bucket            varchar NOT NULL,
     key               varchar NOT NULL,
-    version           varchar NOT NULL DEFAULT '',
+    version           varchar NOT NULL,
     object_metadata   varchar,
     content           bytea,
     created_at        integer,

@@ -3,7 +3,11 @@
 The tool is pointed at the proxy's URL; the proxy forwards each request
 unchanged (Host header included, so SigV4 signatures stay valid) unless a
 rule matches it, in which case it answers 503 SlowDown or 500, resets the
-connection, or delays before forwarding. Rules fire a bounded number of times.
+connection, or delays before forwarding; or it forwards the request and spoils
+the answer's body: a 200 with a short body and a Content-Length to match
+("short200"), a body cut off after the full Content-Length was announced
+("cutoff", closed cleanly) or reset mid-body ("resetbody"). Rules fire a
+bounded number of times.
 """
 
 import http.client
@@ -26,6 +30,7 @@ ERROR_BODY = (
 @dataclass
 class Rule:
     action: str  # "503" | "500" | "reset" | "delay" | "corrupt" (flip a byte of the body)
+    #              | "short200" | "cutoff" | "resetbody" (spoil the answer's body, see the module doc)
     method: str | None = None  # e.g. "PUT"; None: any
     path: str | None = None  # regex searched in the request path (with query)
     times: int | None = 1  # how often it fires; None: always
@@ -76,9 +81,9 @@ class FaultProxy:
                     time.sleep(rule.delay)
                 if rule and rule.action == "corrupt" and body:
                     body = bytes([body[0] ^ 0xFF]) + body[1:]  # a bit flip in transit
-                self.forward(body)
+                self.forward(body, rule.action if rule else None)
 
-            def forward(self, body):
+            def forward(self, body, spoil=None):
                 upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
@@ -87,10 +92,33 @@ class FaultProxy:
                     data = answer.read()
                     headers = {k: v for k, v in answer.getheaders()
                                if k.lower() not in ("transfer-encoding", "connection", "content-length")}
+                    if spoil in ("short200", "cutoff", "resetbody") and answer.status == 200 and len(data) > 1:
+                        self.spoil_body(spoil, headers, data)
+                        return
                     self.reply(answer.status, headers, data, head=self.command == "HEAD",
                                length=answer.getheader("Content-Length"))
                 finally:
                     upstream.close()
+
+            def spoil_body(self, how, headers, data):
+                """Answer 200 with only 60 % of the body (the ETag kept)."""
+                part = data[:len(data) * 6 // 10]
+                if how == "short200":
+                    self.reply(200, headers, part)
+                    return
+                self.send_response(200)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))  # the whole length, then less
+                self.end_headers()
+                self.wfile.write(part)
+                self.wfile.flush()
+                if how == "resetbody":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                else:
+                    self.connection.shutdown(socket.SHUT_WR)
+                self.connection.close()
+                self.close_connection = True
 
             def reply(self, status, headers, data, head=False, length=None):
                 try:

@@ -640,6 +640,7 @@ def test_dry_run_reports_and_changes_nothing(db, s3, cli, tmp_path):
     assert (int(total.group(1)), int(total.group(2))) == (len(docs), large)
     shards = int(total.group(3))
     assert shards >= len(expected)
+    assert "another location: 5 rows" in result.stdout  # in scope, but neither at the source nor the destination
 
     # nothing changed anywhere
     assert table_names(db) == tables
@@ -647,9 +648,11 @@ def test_dry_run_reports_and_changes_nothing(db, s3, cli, tmp_path):
     assert task_rows(db) == []
     assert s3.keys(bucket) == []
 
-    # and the real run does what the dry run said
+    # and the real run does what the dry run said: all of its documents move, but the
+    # run cannot be complete while 5 rows in scope are elsewhere
     result = cli("migrate", source, dest, "--dontask", "--shard-size", "7")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr
+    assert "5 rows in scope are not at the destination (5 another location)" in result.stderr
     assert db.execute("SELECT count(*) FROM objmig_shards").fetchone()[0] == shards
     assert task_rows(db)[0][4:6] == (len(docs), len(docs))
     assert db.execute("SELECT count(*) FROM archive_metadata WHERE is_compressed").fetchone()[0] == large

@@ -98,9 +98,18 @@ class Driver:
         """Fail early if the backend cannot be reached (or written, if `write`);
         create what the config says may be created only if `create`."""
 
+    def clean_up_before_run(self, conn):
+        """As a migration's destination, before it writes: remove what killed
+        writes of earlier runs left behind (and say how much)."""
+
     def read_many(self, urls):
         """{url: stored bytes or the exception that stopped its read}."""
         raise NotImplementedError
+
+    def read_proven(self, urls):
+        """{url: (stored bytes or exception, proven)}: `proven` when the backend
+        itself vouched that the bytes are whole (an S3 ETag that is their MD5)."""
+        return {url: (found, False) for url, found in self.read_many(urls).items()}
 
     def write_many(self, items):
         """Store every WriteItem; {url: exception} for those that failed."""

@@ -45,7 +45,10 @@ class DbDriver(Driver):
         with conn.transaction(), conn.cursor() as cur, cur.copy(query) as copy:
             copy.set_types(["text", "text", "text", "text", "bool"])
             for user, bucket, archive_id, jsondata, b64_encoded in copy.rows():
-                found[self.url_for(user, bucket, archive_id)] = codec.from_db_text(jsondata, b64_encoded)
+                try:  # one bad row fails alone, not its whole batch
+                    found[self.url_for(user, bucket, archive_id)] = codec.from_db_text(jsondata, b64_encoded)
+                except codec.CorruptDocument as exc:
+                    found[self.url_for(user, bucket, archive_id)] = exc
         return found
 
     def write_many(self, items):

@@ -1,12 +1,28 @@
-"""The `localfs` driver: one file per document under archive_data_dir."""
+"""The `localfs` driver: one file per document under archive_data_dir.
+
+A document is written to a temporary file beside its final name, fsynced,
+renamed into place, and the directories up to archive_data_dir are fsynced,
+so the new name survives a power cut. A killed write leaves its temporary
+file (named after its host and process); the next run removes those whose
+writer is gone.
+"""
 
 import concurrent.futures
+import logging
 import os
+import socket
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from anchore_objmig.drivers.base import Driver, NotFound
 from anchore_objmig.errors import StorageError
+from anchore_objmig.faults import crash_point
+
+log = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".objmig-"
+FOREIGN_TEMP_AGE = 3600  # seconds: a temporary file of another host's writer this old is abandoned
 
 
 class LocalFsDriver(Driver):
@@ -54,7 +70,7 @@ class LocalFsDriver(Driver):
         return self.submit_writes(items)()
 
     def submit_writes(self, items):
-        futures = [self.executor().submit(write_one, item, self.context.check_fence) for item in items]
+        futures = [self.executor().submit(write_one, item, self.directory, self.context.check_fence) for item in items]
 
         def wait():
             concurrent.futures.wait(futures)  # all of them, even when one raises (a lost lease)
@@ -65,6 +81,11 @@ class LocalFsDriver(Driver):
     def delete_many(self, urls):
         results = self.executor().map(delete_one, urls)
         return {url: error for url, error in zip(urls, results) if error}
+
+    def clean_up_before_run(self, conn):
+        removed = remove_abandoned_temporaries(self.directory)
+        if removed:
+            log.info("removed %d temporary files left in %s by interrupted writes", removed, self.directory)
 
     def close(self):
         if self.pool:
@@ -85,17 +106,23 @@ def read_one(url):
         return StorageError(f"cannot read {url}: {exc.strerror}")
 
 
-def write_one(item, check_fence=lambda: None):
+def temp_prefix():
+    """.objmig-{host}.{pid}.: whose write a temporary file is, for the clean-up."""
+    return f"{TEMP_PREFIX}{socket.gethostname()}.{os.getpid()}."
+
+
+def write_one(item, root, check_fence=lambda: None):
     """Write to a temporary file, fsync, then rename: a reader never sees half a file.
     The rename is what a reader sees, so the write fence is checked right before it."""
     path = path_of(item.url)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".objmig-")
+        fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=temp_prefix())
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(item.stored.data)
                 handle.flush()
+                crash_point("localfs-write")
                 os.fsync(handle.fileno())
             os.chmod(temporary, 0o644)
             check_fence()
@@ -105,21 +132,62 @@ def write_one(item, check_fence=lambda: None):
             raise
         # The rename (and any new directory) is only durable once the
         # directories are synced; the source copy is deleted after this.
-        sync_directories(os.path.dirname(path), item.url)
+        sync_directories(os.path.dirname(path), root)
     except OSError as exc:
         return StorageError(f"cannot write {item.url}: {exc.strerror}")
     return None
 
 
-def sync_directories(directory, url):
-    """fsync `directory` and its parents up to the archive's md5(userId) level."""
-    for _ in range(3):  # {md5(id)[:2]}, {bucket}, {md5(user)}: what makedirs may have made
+def sync_directories(directory, root):
+    """fsync `directory` and each parent up to and including `root`
+    (archive_data_dir): any of them may have just got a new entry."""
+    root = os.path.normpath(root)
+    directory = os.path.normpath(directory)
+    while True:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        directory = os.path.dirname(directory)
+        parent = os.path.dirname(directory)
+        if directory == root or parent == directory or not directory.startswith(root):
+            return
+        directory = parent
+
+
+def abandoned(name, now, mtime):
+    """Whether a temporary file's writer is gone: a dead process of this host,
+    or any writer if the file has not changed for FOREIGN_TEMP_AGE."""
+    if now - mtime > FOREIGN_TEMP_AGE:
+        return True
+    owner = name[len(TEMP_PREFIX):].split(".")
+    if len(owner) < 3 or ".".join(owner[:-2]) != socket.gethostname() or not owner[-2].isdigit():
+        return False
+    try:
+        os.kill(int(owner[-2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return False
+
+
+def remove_abandoned_temporaries(root):
+    """Remove temporary files of killed writes under `root`; how many."""
+    removed = 0
+    now = time.time()
+    for directory, _, files in os.walk(root):
+        for name in files:
+            if not name.startswith(TEMP_PREFIX):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                if abandoned(name, now, os.stat(path).st_mtime):
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # its writer finished or removed it meanwhile
+    return removed
 
 
 def delete_one(url):

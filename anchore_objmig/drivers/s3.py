@@ -7,7 +7,9 @@ that check is what lets a migration delete the source copy afterwards.
 
 import logging
 import concurrent.futures
+import random
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -185,15 +187,31 @@ class S3Driver(Driver):
 
     # -- bulk operations ---------------------------------------------------
     def read_many(self, urls):
+        return {url: found for url, (found, _) in self.read_proven(urls).items()}
+
+    def read_proven(self, urls):
         return dict(zip(urls, self.executor().map(self.read_one, urls)))
 
     def read_one(self, url):
-        try:
-            bucket, key = split_s3_url(url)
-            data = s3_hotpath.get(self.fast, bucket, key)
-        except (s3_hotpath.HotPathError, StorageError, OSError) as exc:
-            return StorageError(f"cannot read {url}: {exc}")
-        return NotFound(f"no object at {url}") if data is None else data
+        """(bytes or exception, proven by the ETag); short and cut-off bodies
+        are read again, with backoff, up to max_attempts times."""
+        attempts = int(self.store.driver_config.get("max_attempts", 5))
+        for attempt in range(1, attempts + 1):
+            try:
+                bucket, key = split_s3_url(url)
+                found = s3_hotpath.get(self.fast, bucket, key)
+            except s3_hotpath.HotPathError as exc:
+                if exc.retryable and attempt < attempts:
+                    log.warning("reading %s again (attempt %d of %d): %s", url, attempt + 1, attempts, exc)
+                    time.sleep(min(0.25 * 2 ** attempt, 4) * random.uniform(0.5, 1.0))
+                    continue
+                tries = f" (after {attempt} attempts)" if exc.retryable else ""
+                return StorageError(f"cannot read {url}{tries}: {exc}"), False
+            except (StorageError, OSError) as exc:
+                return StorageError(f"cannot read {url}: {exc}"), False
+            if found is None:
+                return NotFound(f"no object at {url}"), False
+            return found
 
     def write_many(self, items):
         return self.submit_writes(items)()
@@ -239,35 +257,96 @@ class S3Driver(Driver):
         upload = self.client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=CONTENT_TYPE)
         upload_id = upload["UploadId"]
         view = memoryview(data)
+        stop = threading.Event()  # one part failed: the parts not yet sent are not sent
 
         def send_part(number, start):
+            if stop.is_set():
+                raise StorageError(f"part {number} of {key} not sent: another part failed")
             chunk = view[start:start + self.part_size]
-            answer = self.client.upload_part(
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=bytes(chunk),
-                ContentMD5=codec.content_md5_header(codec.md5_of(chunk).digest()),
-            )
+            try:
+                answer = self.client.upload_part(
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=bytes(chunk),
+                    ContentMD5=codec.content_md5_header(codec.md5_of(chunk).digest()),
+                )
+            except BaseException:
+                stop.set()  # before this thread takes the next part off the queue
+                raise
             crash_point("s3-part")
             return {"ETag": answer["ETag"], "PartNumber": number}
 
+        futures = []
         try:
             # Parts go up side by side, on a pool of their own (not the document
             # pool this runs on, which they could otherwise wait for forever).
             starts = range(0, len(data), self.part_size)
-            parts = list(self.parts_executor().map(send_part, range(1, len(starts) + 1), starts))
+            futures = [self.parts_executor().submit(send_part, number, start)
+                       for number, start in zip(range(1, len(starts) + 1), starts)]
+            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception()), None)
+            if failed is not None:
+                raise failed.exception()
+            parts = [future.result() for future in futures]
             self.context.check_fence()  # completing is what makes the object visible
             self.client.complete_multipart_upload(
                 Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )
         except BaseException:
+            stop.set()
+            for future in futures:
+                future.cancel()
+            wait_all(futures)  # parts in the air land (or fail) before the abort, which then frees them all
             try:
                 self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
             except Exception:  # the original error is the one worth reporting
-                log.debug("could not abort multipart upload of %s", key)
+                log.warning("could not abort the multipart upload of s3://%s/%s; the next run aborts it", bucket, key)
             raise
+
+    def abort_stale_uploads(self, conn):
+        """Abort incomplete multipart uploads (left by killed runs) of the keys
+        this destination writes for archive_metadata rows; {aborted, others}."""
+        uploads = self.incomplete_uploads()
+        mine = set(documents_keyed(conn, self.prefix, [key for key, _ in uploads]))
+        aborted = 0
+        for key, upload_id in uploads:
+            if key not in mine:
+                continue
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                aborted += 1
+            except botocore.exceptions.ClientError as exc:
+                if error_code(exc) not in ("NoSuchUpload", "404"):
+                    log.warning("could not abort an incomplete upload of s3://%s/%s: %s", self.bucket, key,
+                                describe_error(exc))
+        return aborted, len(uploads) - len([u for u in uploads if u[0] in mine])
+
+    def incomplete_uploads(self):
+        """(key, upload id) of every incomplete multipart upload under the prefix."""
+        found = []
+        kwargs = {"Bucket": self.bucket, "Prefix": self.prefix}
+        while True:
+            answer = self.client.list_multipart_uploads(**kwargs)
+            found += [(upload["Key"], upload["UploadId"]) for upload in answer.get("Uploads", [])]
+            if not answer.get("IsTruncated"):
+                return found
+            kwargs.update(KeyMarker=answer.get("NextKeyMarker", ""), UploadIdMarker=answer.get("NextUploadIdMarker", ""))
+
+    def clean_up_before_run(self, conn):
+        try:
+            aborted, others = self.abort_stale_uploads(conn)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            log.warning("could not list incomplete multipart uploads in s3://%s/%s: %s", self.bucket, self.prefix,
+                        describe_error(exc))
+            return
+        if aborted:
+            log.info("aborted %d incomplete multipart uploads left under s3://%s/%s by an interrupted run",
+                     aborted, self.bucket, self.prefix)
+        if others:
+            log.warning("%d other incomplete multipart uploads under s3://%s/%s are not of documents this run "
+                        "writes; left alone", others, self.bucket, self.prefix)
 
     def delete_many(self, urls):
         by_bucket = {}
@@ -307,6 +386,30 @@ class S3Driver(Driver):
         for pool in (self.pool, self.part_pool):
             if pool:
                 pool.shutdown()
+
+
+def wait_all(futures):
+    for future in futures:
+        if not future.cancelled():
+            try:
+                future.result()
+            except BaseException:  # noqa: BLE001 - only waiting; the first error is already on its way
+                pass
+
+
+def documents_keyed(conn, prefix, keys):
+    """The keys among `keys` ({prefix}{userId}/{bucket}/{archiveId}) of documents in archive_metadata."""
+    parts = [key[len(prefix):].split("/", 2) for key in keys]
+    triples = [(key, *part) for key, part in zip(keys, parts) if len(part) == 3]
+    if not triples:
+        return []
+    rows = conn.execute(
+        """SELECT k.key FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[]) AS k(key, u, b, a)
+           WHERE EXISTS (SELECT 1 FROM archive_metadata m
+                         WHERE m."userId" = k.u AND m.bucket = k.b AND m."archiveId" = k.a)""",
+        [list(column) for column in zip(*triples)],
+    )
+    return [row[0] for row in rows]
 
 
 def truthy(value):

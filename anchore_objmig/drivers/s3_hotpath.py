@@ -47,6 +47,8 @@ class Boto3ChainProvider(Provider):
 class HotPathError(Exception):
     """A failed single-object request; `code` is the S3 error code."""
 
+    retryable = False  # urllib3 already retried what it can
+
     def __init__(self, code, message):
         super().__init__(f"{code}: {message}" if message else code)
         self.code = code
@@ -99,22 +101,56 @@ def put(client, bucket, key, data, md5, content_type):
         raise HotPathError(type(exc).__name__, str(exc).splitlines()[0]) from None
 
 
+class TruncatedBody(HotPathError):
+    """A GET's body was not the whole object: retried like a dropped connection."""
+
+    retryable = True
+
+
+def plain_md5_etag(headers):
+    """The object's MD5 hex when its ETag is one, else None.
+
+    Only single-part objects without SSE-KMS or SSE-C have an MD5 ETag: a
+    multipart ETag has a '-', an encrypted one is no hash of the bytes.
+    """
+    etag = (headers.get("ETag") or "").strip().strip('"').lower()
+    if len(etag) != 32 or any(c not in "0123456789abcdef" for c in etag):
+        return None
+    if headers.get("x-amz-server-side-encryption") == "aws:kms":
+        return None
+    if headers.get("x-amz-server-side-encryption-customer-algorithm"):
+        return None
+    return etag
+
+
 def get(client, bucket, key):
-    """The whole object's bytes, or None when there is no such key."""
+    """(the whole object's bytes, whether its ETag proved them), or None when
+    there is no such key. A body shorter than its Content-Length, cut off or
+    not matching an MD5 ETag raises TruncatedBody."""
     response = None
     try:
         response = client.get_object(bucket, key)
-        return response.read()
+        headers = response.headers
+        data = response.read()
     except S3Error as exc:
         if exc.code in ("NoSuchKey", "NoSuchObject"):
             return None
         raise HotPathError(exc.code, exc.message) from None
     except urllib3.exceptions.HTTPError as exc:
-        raise HotPathError(type(exc).__name__, str(exc).splitlines()[0]) from None
+        # Raised while reading the body too (IncompleteRead, reset): a dropped connection.
+        error = TruncatedBody if response is not None else HotPathError
+        raise error(type(exc).__name__, str(exc).splitlines()[0]) from None
     finally:
         if response is not None:
             response.close()
             response.release_conn()
+    length = headers.get("Content-Length")
+    if length is not None and length.isdigit() and int(length) != len(data):
+        raise TruncatedBody("ShortBody", f"read {len(data)} bytes, Content-Length says {length}")
+    etag = plain_md5_etag(headers)
+    if etag is not None and codec.md5_of(data).hexdigest() != etag:
+        raise TruncatedBody("ETagMismatch", f"the {len(data)} bytes read do not hash to the object's ETag {etag}")
+    return data, etag is not None
 
 
 def delete(client, bucket, keys):

@@ -1,0 +1,199 @@
+"""Document integrity: every read proven whole, no shared copy deleted while
+needed, one bad row failing alone, and messages true of what they name."""
+
+import anchore_sim
+from faultproxy import FaultProxy, Rule
+from helpers import assert_all_readable, section, task_rows, through_proxy, urls, write_config
+
+DOCUMENT_KEYS = r"/(admin|acme)/"  # document keys, not the start-up probe
+
+
+def forget_digests(db, sizes_too=False):
+    """Rows as old Anchore versions left them: no digest (and maybe no size)."""
+    db.execute("UPDATE archive_metadata SET digest = NULL" + (", size = NULL" if sizes_too else ""))
+
+
+def test_short_and_cut_off_s3_bodies_are_retried_and_never_stored(db, s3, cli, tmp_path):
+    bucket = s3.new_bucket()
+    docs = anchore_sim.make_docs(30, seed=91)
+    anchore_sim.store(db, s3.location(bucket), docs)
+    forget_digests(db, sizes_too=True)  # only the transfer itself (Content-Length, ETag) can tell
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(Rule("short200", method="GET", path=DOCUMENT_KEYS, times=8),
+                  Rule("cutoff", method="GET", path=DOCUMENT_KEYS, times=4),
+                  Rule("resetbody", method="GET", path=DOCUMENT_KEYS, times=4))
+        source = write_config(tmp_path / "a.yaml", section("s3", through_proxy(s3, proxy, bucket, max_attempts=8)))
+        dest = write_config(tmp_path / "b.yaml", section("db"))
+        result = cli("migrate", source, dest, "--dontask", "--workers", "1")
+        assert [rule.fired for rule in proxy.rules] == [8, 4, 4]
+    assert result.returncode == 0, result.stderr
+    assert_all_readable(db, s3.client, docs)  # every byte, and digest and size now recorded
+    assert all(url.startswith("db://") for url in urls(db))
+    assert db.execute("SELECT count(*) FROM archive_metadata WHERE digest IS NULL OR size IS NULL").fetchone()[0] == 0
+    assert s3.keys(bucket) == []
+    assert "UNVERIFIABLE" not in result.stderr  # the MD5 ETags vouched for every read
+
+
+def test_a_body_short_every_time_fails_cleanly_and_stays(db, s3, cli, tmp_path):
+    bucket = s3.new_bucket()
+    docs = anchore_sim.make_docs(12, seed=92)
+    anchore_sim.store(db, s3.location(bucket), docs)
+    forget_digests(db)
+    doomed = docs[3]
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(Rule("short200", method="GET", path=doomed.archive_id.split(":")[1], times=None))
+        source = write_config(tmp_path / "a.yaml", section("s3", through_proxy(s3, proxy, bucket, max_attempts=3)))
+        dest = write_config(tmp_path / "b.yaml", section("db"))
+        result = cli("migrate", source, dest, "--dontask", "--workers", "1")
+        assert proxy.rules[0].fired == 3
+    assert result.returncode == 1
+    named = [line for line in result.stderr.splitlines() if "FAILED" in line]
+    assert len(named) == 1 and doomed.archive_id in named[0] and "unreadable at the source" in named[0]
+    assert "still at the source and readable" not in result.stderr
+    assert "could not be read at the source" in result.stderr
+    assert task_rows(db)[0][0] == "failed"
+    row = db.execute('SELECT content_url FROM archive_metadata WHERE "archiveId" = %s', (doomed.archive_id,)).fetchone()
+    assert row[0].startswith(f"s3://{bucket}/")
+    assert_all_readable(db, s3.client, docs)  # the doomed one too, at its S3 copy
+
+
+def test_size_is_checked_when_there_is_no_digest(db, cli, tmp_path):
+    docs = anchore_sim.make_docs(10, seed=93)
+    anchore_sim.store(db, anchore_sim.Location("db2"), docs)
+    forget_digests(db)
+    cut = docs[5]
+    db.execute("UPDATE object_storage SET content = substring(content from 1 for 100) WHERE key = %s", (cut.archive_id,))
+    source = write_config(tmp_path / "a.yaml", section("db2"))
+    dest = write_config(tmp_path / "b.yaml", section("db"))
+    result = cli("migrate", source, dest, "--dontask")
+    assert result.returncode == 1
+    named = [line for line in result.stderr.splitlines() if "FAILED" in line]
+    assert len(named) == 1 and cut.archive_id in named[0] and "corrupt at the source: size mismatch" in named[0]
+    assert "are corrupt at the source" in result.stderr and "restore them from a backup" in result.stderr
+    assert "still at the source and readable" not in result.stderr
+    url = db.execute('SELECT content_url FROM archive_metadata WHERE "archiveId" = %s', (cut.archive_id,)).fetchone()[0]
+    assert url.startswith("db2://")  # left where it was, not stored short
+    assert_all_readable(db, None, [d for d in docs if d is not cut], skip={cut.archive_id})
+
+
+def test_a_shared_copy_moves_with_every_row_and_goes_after_the_last(db, cli, tmp_path):
+    docs = anchore_sim.make_docs(10, seed=95, buckets=("analysis_data",))
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    shared = docs[0]
+    # A second row, in another logical bucket (so another shard and batch), points at the same copy.
+    twin = anchore_sim.Doc(shared.user_id, "manifest_data", "sha256:" + "ab" * 32, shared.content)
+    db.execute(
+        """INSERT INTO archive_metadata (bucket, "archiveId", "userId", "documentName", content_url, is_compressed,
+               digest, size, document_metadata, created_at, last_updated, record_state_key, record_state_val)
+           SELECT 'manifest_data', %s, "userId", %s, content_url, is_compressed, digest, size, NULL,
+                  created_at, last_updated, 'active', NULL
+           FROM archive_metadata WHERE "archiveId" = %s""",
+        (twin.archive_id, twin.archive_id + ".json", shared.archive_id),
+    )
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("db2"))
+
+    # Only the first row's bucket: the copy stays, the twin still reads it.
+    first = cli("migrate", source, dest, "--dontask", "--bucket", "analysis_data", "--batch-size", "1")
+    assert first.returncode == 0, first.stderr
+    assert_all_readable(db, None, [*docs, twin])
+    assert db.execute("SELECT count(*) FROM archive_document").fetchone()[0] == 1  # the shared copy only
+
+    # Everything, one document per batch: the twin moves, then its old copy goes.
+    db.execute('UPDATE archive_metadata SET content_url = %s WHERE "archiveId" = %s',
+               (f"db://{shared.user_id}/analysis_data/{shared.archive_id}", shared.archive_id))  # share again
+    both = cli("migrate", source, dest, "--dontask", "--batch-size", "1", "--workers", "1")
+    assert both.returncode == 0, both.stderr
+    assert_all_readable(db, None, [*docs, twin])
+    assert all(url.startswith("db2://") for url in urls(db))
+    assert db.execute("SELECT count(*) FROM archive_document").fetchone()[0] == 0
+
+
+def test_one_bad_row_fails_alone_and_the_batch_moves(db, cli, tmp_path):
+    docs = anchore_sim.make_docs(14, seed=96, users=("admin",), buckets=("analysis_data",))
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bad = docs[6]
+    db.execute("""UPDATE archive_document SET jsondata = 'not*base64!', b64_encoded = true WHERE "archiveId" = %s""",
+               (bad.archive_id,))
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("db2"))
+    result = cli("migrate", source, dest, "--dontask")
+    assert result.returncode == 1
+    named = [line for line in result.stderr.splitlines() if "FAILED" in line]
+    assert len(named) == 1 and bad.archive_id in named[0] and "not valid base64" in named[0]
+    assert "are corrupt at the source" in result.stderr
+    assert "still at the source and readable" not in result.stderr
+    moved = db.execute("SELECT count(*) FROM archive_metadata WHERE content_url LIKE 'db2://%%'").fetchone()[0]
+    assert moved == len(docs) - 1
+    assert task_rows(db)[0][:1] == ("failed",)
+    assert_all_readable(db, None, [d for d in docs if d is not bad], skip={bad.archive_id})
+def test_unverifiable_documents_are_named_and_get_digest_and_size(db, cli, tmp_path):
+    docs = anchore_sim.make_docs(8, seed=94)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    blind = docs[:3]
+    db.execute('UPDATE archive_metadata SET digest = NULL, size = NULL WHERE "archiveId" = ANY(%s)',
+               ([d.archive_id for d in blind],))
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("db2"))
+    dry = cli("migrate", source, dest, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "unverifiable: 3" in dry.stdout and all(d.archive_id in dry.stdout for d in blind)
+    result = cli("migrate", source, dest, "--dontask")
+    assert result.returncode == 0, result.stderr
+    named = [line for line in result.stderr.splitlines() if "UNVERIFIABLE" in line]
+    assert sorted(named) == sorted(line for line in named if any(d.archive_id in line for d in blind))
+    assert len(named) == 3
+    for doc in blind:
+        digest, size = db.execute('SELECT digest, size FROM archive_metadata WHERE "archiveId" = %s',
+                                  (doc.archive_id,)).fetchone()
+        assert digest == anchore_sim.md5hex(doc.content) and size == len(doc.content)
+    assert_all_readable(db, None, docs)
+
+
+
+
+def add_row(db, archive_id, url, bucket="analysis_data"):
+    db.execute(
+        """INSERT INTO archive_metadata (bucket, "archiveId", "userId", "documentName", content_url, is_compressed,
+               digest, size, document_metadata, created_at, last_updated, record_state_key, record_state_val)
+           VALUES (%s, %s, 'admin', %s, %s, false, NULL, NULL, NULL, 1, 1, 'active', NULL)""",
+        (bucket, archive_id, archive_id + ".json", url),
+    )
+
+
+def test_rows_the_run_cannot_move_are_counted_and_keep_it_from_complete(db, cli, tmp_path):
+    docs = anchore_sim.make_docs(10, seed=97)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    add_row(db, "no-url-1", None)
+    add_row(db, "no-url-2", None)
+    add_row(db, "swifty", "swift://anchore/admin/analysis_data/swifty")
+    add_row(db, "weird", "ftp://somewhere/admin/analysis_data/weird")
+    add_row(db, "elsewhere", "s3://another-bucket/admin/analysis_data/elsewhere")
+    add_row(db, "out-of-scope", None, bucket="not_selected")
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("db2"))
+    buckets = sorted({d.bucket for d in docs} | {"analysis_data"})
+    selection = [f"--bucket={name}" for name in buckets]
+
+    dry = cli("migrate", source, dest, "--dry-run", *selection)
+    assert dry.returncode == 0, dry.stderr
+    for expected in ("no URL: 2 rows", "unsupported driver: 1 rows", "unknown scheme: 1 rows",
+                     "another location: 1 rows", "admin/analysis_data/no-url-1", "swift://anchore/admin",
+                     "ftp://somewhere", "s3://another-bucket/admin/analysis_data/elsewhere", "anchore-manager"):
+        assert expected in dry.stdout, expected
+    assert "out-of-scope" not in dry.stdout  # its bucket is not selected
+
+    result = cli("migrate", source, dest, "--dontask", *selection)
+    assert result.returncode == 1
+    assert "MUST have this" not in result.stdout  # no "switch your config" while rows are elsewhere
+    assert "5 rows in scope are not at the destination" in result.stderr
+    assert "no-url-1" in result.stderr and "swift://anchore" in result.stderr
+    assert task_rows(db)[0][0] == "failed"
+    assert db.execute("SELECT count(*) FROM archive_metadata WHERE content_url LIKE 'db2://%%'").fetchone()[0] == len(docs)
+
+    db.execute("""DELETE FROM archive_metadata WHERE "archiveId" IN ('no-url-1', 'no-url-2', 'swifty', 'weird',
+                  'elsewhere')""")
+    again = cli("migrate", source, dest, "--dontask", *selection)
+    assert again.returncode == 0, again.stderr
+    assert "MUST have this" in again.stdout
+    assert [row[0] for row in task_rows(db)] == ["failed", "complete"]

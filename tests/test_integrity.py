@@ -193,7 +193,8 @@ def test_rows_the_run_cannot_move_are_counted_and_keep_it_from_complete(db, cli,
 
     db.execute("""DELETE FROM archive_metadata WHERE "archiveId" IN ('no-url-1', 'no-url-2', 'swifty', 'weird',
                   'elsewhere')""")
-    again = cli("migrate", source, dest, "--dontask", *selection)
+    # analysis_data now has no row at all: naming it would be refused as a misspelled bucket
+    again = cli("migrate", source, dest, "--dontask", *[f"--bucket={name}" for name in sorted({d.bucket for d in docs})])
     assert again.returncode == 0, again.stderr
     assert "MUST have this" in again.stdout
     assert [row[0] for row in task_rows(db)] == ["failed", "complete"]

@@ -442,7 +442,7 @@ class Heartbeat(threading.Thread):
         for lease in leases:
             if lease.shard_no not in refreshed:
                 error = ledger.lost_lease(self.conn, lease)
-                log.warning("stopping work on shard %d: %s", lease.shard_no, error)
+                log.debug("heartbeat: shard %d: %s", lease.shard_no, error)
                 self.fence.mark_lost(error)
         self.report_blockers()
 

@@ -176,6 +176,7 @@ def work_on_run(options, db_settings, spec, guard, source, dest_store, task_id):
         try:
             reporter = ProgressReporter(work, task_id, options.progress)
             workers_of_host(spec, options, reporter, guard)
+            guard.check_now()  # a joiner takes the lock over if its holder died meanwhile
             while guard.holding and not guard.failure:
                 if not wait_for_other_hosts(work.conn, task_id):
                     break

@@ -53,6 +53,7 @@ class RunGuard(threading.Thread):
         self.failure = None
         self.stop = threading.Event()
         self.ending = threading.Event()
+        self.watching = threading.Lock()  # the thread and check_now() share watch_conn
         self.watch_conn = None
 
     def run(self):
@@ -72,18 +73,29 @@ class RunGuard(threading.Thread):
 
     def watch(self):
         """On a joining host: take the lock over when its holder is gone."""
-        if self.watch_conn is None or self.watch_conn.closed:
-            self.watch_conn = db.connect(self.db_settings, autocommit=True, role="guard")
-        if ledger.lock_holder_alive(self.watch_conn, self.task_id):
-            return
-        run = ledger.get_run(self.watch_conn, self.task_id)
-        if run is None or run.state != "running":
-            self.fail(f"migration task {self.task_id} was closed")
-            return
-        if self.take_lock(self.watch_conn):
-            log.warning("the host that held the migration lock for task %d (%s) is gone; this host took the lock "
-                        "and will finish the task", self.task_id, run.lock_host)
-            self.watch_conn = None
+        with self.watching:
+            if self.holding or self.failure:
+                return
+            if self.watch_conn is None or self.watch_conn.closed:
+                self.watch_conn = db.connect(self.db_settings, autocommit=True, role="guard")
+            if ledger.lock_holder_alive(self.watch_conn, self.task_id):
+                return
+            run = ledger.get_run(self.watch_conn, self.task_id)
+            if run is None or run.state != "running":
+                self.fail(f"migration task {self.task_id} was closed")
+                return
+            if self.take_lock(self.watch_conn):
+                log.warning("the host that held the migration lock for task %d (%s) is gone; this host took the lock "
+                            "and will finish the task", self.task_id, run.lock_host)
+                self.watch_conn = None
+
+    def check_now(self):
+        """Before a joining host leaves: one more look, so a holder that died
+        just now is not missed between two checks of the thread."""
+        try:
+            self.watch()
+        except psycopg.Error as exc:
+            log.debug("could not check the run's lock holder: %s", db.first_line(exc))
 
     def take_lock(self, conn):
         """Take the migration lock on `conn` and record it as the run's; False if someone else holds it."""

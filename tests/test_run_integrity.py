@@ -180,6 +180,7 @@ def test_joiner_frozen_inside_its_commit_transaction_cannot_stall_the_run(db, s3
         main.resume()
         code, log = main.finish(timeout=240)  # the server ends the frozen transaction after 30 s
         assert code == 0, log
+        assert f":{joiner.pid}" in log  # the log names the worker it waited for
         assert task_rows(db)[-1][0] == "complete"
         assert_all_readable(db, s3.client, docs)
     finally:
@@ -280,7 +281,7 @@ def test_joiner_finishes_the_run_when_the_main_host_dies(db, s3, cli, tmp_path):
         main.finish()
         code, log = joiner.finish()
     assert code == 0, log
-    assert "this host took the lock and will finish the task" in log
+    assert "this host took the lock and will finish the task" in log, log
     assert_all_readable(db, s3.client, docs)
     assert [row[0] for row in task_rows(db)] == ["complete"]
     assert all(url.startswith(f"s3://{bucket}/") for url in urls(db))

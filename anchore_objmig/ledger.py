@@ -523,9 +523,12 @@ def failures(conn, task_id, kind="document"):
 
 def resolved_failures(conn, task_id):
     """How many document failures of the run were resolved later (by a retry)."""
-    return conn.execute(
-        "SELECT count(*) FROM objmig_failures WHERE task_id = %s AND kind = 'document'", (task_id,)
-    ).fetchone()[0] - len(failures(conn, task_id, "document"))
+    everything = conn.execute(
+        """SELECT count(*) FROM (SELECT DISTINCT user_id, bucket, archive_id, content_url, error
+                                 FROM objmig_failures WHERE task_id = %s AND kind = 'document') f""",
+        (task_id,),
+    ).fetchone()[0]
+    return everything - len(failures(conn, task_id, "document"))
 
 
 def failed_shards(conn, task_id):

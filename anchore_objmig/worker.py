@@ -162,11 +162,11 @@ def commit_metadata(conn, written, result, task_id, delete_source):
     with conn.transaction():
         updated = {tuple(key) for key in conn.execute(COMMIT_METADATA, [int(time.time()), *columns])}
         progress.forget_pending_deletes(conn, [item.url for _, item in written])
-        old_urls = [row.content_url for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]
-        # A stored copy another row still points at is kept: it goes with the last row that uses it.
-        free = integrity.unreferenced(conn, old_urls)
-        result.kept = sorted(set(old_urls) - free)
         if delete_source:
+            old_urls = [row.content_url for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]
+            # A stored copy another row still points at is kept: it goes with the last row that uses it.
+            free = integrity.unreferenced(conn, old_urls)
+            result.kept = sorted(set(old_urls) - free)
             progress.note_pending_deletes(conn, task_id, sorted(free))
         crash_point("before-commit")
     committed = []
@@ -274,7 +274,8 @@ def finish_batch(spec, shard, flight, source, conn, on_batch):
     )
     if result.moved:
         tasks.add_migrated(conn, spec.task_id, len(result.moved))
-    integrity.record_unverifiable(conn, spec.task_id, [row for row in result.unverifiable if row in set(result.moved)])
+    moved = set(result.moved)
+    integrity.record_unverifiable(conn, spec.task_id, [row for row in result.unverifiable if row in moved])
     crash_point("after-record")
     if on_batch:
         on_batch()

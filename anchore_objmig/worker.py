@@ -169,6 +169,11 @@ def commit_metadata(conn, written, result, task_id, delete_source):
             result.kept = sorted(set(old_urls) - free)
             progress.note_pending_deletes(conn, task_id, sorted(free))
         crash_point("before-commit")
+    if result.kept:  # the other rows may have moved in a concurrent transaction: look again, now all is committed
+        with conn.transaction():
+            late = integrity.unreferenced(conn, result.kept)
+            progress.note_pending_deletes(conn, task_id, sorted(late))
+        result.kept = sorted(set(result.kept) - late)
     committed = []
     for row, item in written:
         if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated:

@@ -179,12 +179,17 @@ def commit_metadata(conn, lease, written, result, delete_source):
         ledger.forget_pending_deletes(conn, [item.url for _, item in written])
         old_urls = [row.content_url for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]
         ledger.note_moved(conn, lease.task_id, [row for row, _ in written if row.content_url in set(old_urls)])
-        # A stored copy another row still points at is kept: it goes with the last row that uses it.
-        free = integrity.unreferenced(conn, old_urls)
-        result.kept = sorted(set(old_urls) - free)
         if delete_source:
+            # A stored copy another row still points at is kept: it goes with the last row that uses it.
+            free = integrity.unreferenced(conn, old_urls)
+            result.kept = sorted(set(old_urls) - free)
             ledger.note_pending_deletes(conn, lease.task_id, sorted(free))
         crash_point("before-commit")
+    if result.kept:  # the other rows may have moved in a concurrent transaction: look again, now all is committed
+        with conn.transaction():
+            late = integrity.unreferenced(conn, result.kept)
+            ledger.note_pending_deletes(conn, lease.task_id, sorted(late))
+        result.kept = sorted(set(result.kept) - late)
     committed = []
     for row, item in written:
         if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated:
@@ -313,7 +318,8 @@ def finish_batch(spec, flight, source, conn, on_batch):
     ledger.record_batch(
         conn, flight.lease, len(result.moved), result.bytes, result.failures, result.leftovers, result.deleted,
     )
-    integrity.record_unverifiable(conn, flight.lease.task_id, [row for row in result.unverifiable if row in set(result.moved)])
+    moved = set(result.moved)
+    integrity.record_unverifiable(conn, flight.lease.task_id, [row for row in result.unverifiable if row in moved])
     crash_point("after-record")
     if on_batch:
         on_batch()

@@ -198,3 +198,26 @@ def test_rows_the_run_cannot_move_are_counted_and_keep_it_from_complete(db, cli,
     assert again.returncode == 0, again.stderr
     assert "MUST have this" in again.stdout
     assert [row[0] for row in task_rows(db)] == ["failed", "complete"]
+
+
+def test_rows_sharing_an_s3_copy_in_one_batch_move_and_it_goes_once(db, s3, cli, tmp_path):
+    bucket = s3.new_bucket()
+    docs = anchore_sim.make_docs(6, seed=99, users=("admin",), buckets=("analysis_data",))
+    anchore_sim.store(db, s3.location(bucket), docs)
+    shared = docs[0]
+    twin = anchore_sim.Doc("admin", "analysis_data", "sha256:" + "cd" * 32, shared.content)
+    db.execute(
+        """INSERT INTO archive_metadata (bucket, "archiveId", "userId", "documentName", content_url, is_compressed,
+               digest, size, document_metadata, created_at, last_updated, record_state_key, record_state_val)
+           SELECT bucket, %s, "userId", %s, content_url, is_compressed, digest, size, NULL, created_at,
+                  last_updated, 'active', NULL
+           FROM archive_metadata WHERE "archiveId" = %s""",
+        (twin.archive_id, twin.archive_id + ".json", shared.archive_id),
+    )
+    source = write_config(tmp_path / "a.yaml", section("s3", s3.driver_config(bucket)))
+    dest = write_config(tmp_path / "b.yaml", section("db"))
+    result = cli("migrate", source, dest, "--dontask")
+    assert result.returncode == 0, result.stderr
+    assert_all_readable(db, s3.client, [*docs, twin])
+    assert all(url.startswith("db://") for url in urls(db))
+    assert s3.keys(bucket) == []

@@ -482,6 +482,7 @@ def forget_pending_deletes(conn, urls):
 def note_moved(conn, task_id, rows):
     """Inside the metadata commit's transaction: the old copies of these
     DocRows are what this run moved away from (see cleanup.py)."""
+    rows = list({row.content_url: row for row in rows}.values())  # rows sharing one copy: it is noted once
     if rows:
         conn.execute(
             """INSERT INTO objmig_moved (url, task_id, bucket, size)

@@ -346,6 +346,9 @@ def test_no_secret_through_any_error_path(db, s3, cli, tmp_path):
         cli("migrate", good, good, "--multipart-threshold", secret),
         cli("--db-retries", secret, "list-migrations"),
         cli("--db-sslmode", secret, "list-migrations"),
+        cli("--db-sslmode=" + secret, "list-migrations"),
+        cli(f"--db=postgresql://u:{secret}@h/db", "list-migrations", db=False),  # ambiguous abbreviation
+        cli("list-migrations", f"--progress={secret}"),
         cli("objectstorage", "--db-timeout", secret, "list-migrations", db=False),
         # passwords with an unencoded "@", to a closed port and to the real server
         cli("--db-connect", f"postgresql+pg8000://u:{at_secret}@127.0.0.1:{port}/db", "--db-retries", "0",

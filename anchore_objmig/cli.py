@@ -33,14 +33,16 @@ anchore-manager runbooks work unchanged with only the program name replaced:
 GLOBAL_OPTIONS = ("--db-connect", "--db-use-ssl", "--db-sslmode", "--db-sslrootcert", "--db-retries", "--db-timeout",
                   "--db-connect-timeout", "--log-format", "-q", "--quiet", "-v", "--verbose", "--debug")
 # argparse echoes a rejected value; it may be a secret given in the wrong place.
-ECHOED_VALUE = re.compile(r"(invalid choice|invalid \w+ value|ambiguous option): .*?(?=$| \(choose from)")
+ECHOED_VALUE = re.compile(r"(invalid choice|invalid \w+ value): .*?(?=$| \(choose from)")
+ECHOED_OPTION_VALUE = re.compile(r"(ambiguous option: [^=\s]*)=\S*")
 
 
 def redact_argv_error(message):
     """An argparse error without any password or rejected value in it."""
     from anchore_objmig.db import redacted
 
-    return redacted(ECHOED_VALUE.sub(lambda match: match.group(1), message))
+    message = ECHOED_OPTION_VALUE.sub(r"\1=<value>", ECHOED_VALUE.sub(lambda match: match.group(1), message))
+    return redacted(message)
 
 
 def describe_extras(extras):

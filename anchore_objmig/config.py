@@ -315,17 +315,17 @@ def load_store_config(path, analysis_archive=False, environ=None):
     catalog = catalog_of(document, path)
     find_misplaced(document, "", path)
     check_catalog(catalog, path, analysis_archive)
+    name = section_name(catalog, analysis_archive)
+    key = f"{CATALOG_KEY}.{name or MAIN_SECTION}"
+    section = catalog.get(name) if name else None
+    check_placeholders(section, path, key)
     for other in STORE_SECTIONS:  # a typo in the section not used now is still a typo
         if isinstance(catalog.get(other), dict):
             check_section_keys(catalog[other], path, f"{CATALOG_KEY}.{other}")
-    name = section_name(catalog, analysis_archive)
     if analysis_archive and name is None:
         raise ConfigError(path, f"{CATALOG_KEY}.{ANALYSIS_SECTION}", "missing or disabled, so there is no analysis archive to use")
-    key = f"{CATALOG_KEY}.{name or MAIN_SECTION}"
-    section = catalog.get(name) if name else None
     if name is not None and section is None:
         raise ConfigError(path, key, "is empty (give its storage_driver, or remove it to use the default db driver)")
-    check_placeholders(section, path, key)
     warn_unused_placeholders(text, values, path)
     if name is None:
         log.info("%s: %s is not set: using Anchore's default, the db driver (table archive_document)", path, key)

@@ -46,7 +46,8 @@ def analysis_archive_note(options):
     every bucket; refused outright when nobody is asked."""
     if options.all_buckets and options.buckets:
         raise UsageError("--all-buckets and --bucket contradict each other: give one of them")
-    if not options.to_analysis_archive or options.buckets:
+    # From the analysis archive to another one, everything there is archive data already.
+    if not options.to_analysis_archive or options.from_analysis_archive or options.buckets:
         return ""
     if options.all_buckets:
         log.info("--to-analysis-archive --all-buckets: every logical bucket goes into the analysis_archive store")

@@ -176,4 +176,4 @@ def test_db_connect_as_keyword_string_or_environment(db, cli, schema_ready):
     from_env = cli("list-migrations", db=False, env={"ANCHORE_OBJMIG_DB_CONNECT": schema_ready})
     assert from_env.returncode == 0, from_env.stderr
     wrong = cli("--db-connect", keywords.replace(parts.password, "nope"), "--db-retries", "0", "list-migrations", db=False)
-    assert wrong.returncode == 1 and parts.password not in wrong.stderr and "password=***" not in wrong.stdout
+    assert wrong.returncode == 3 and parts.password not in wrong.stderr and "password=***" not in wrong.stdout

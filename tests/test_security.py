@@ -50,7 +50,7 @@ def test_password_in_url_never_printed(db, s3, cli, tmp_path, schema_ready):
     wrong = cli("--db-connect", sqlalchemy_url.replace(password, password + "x"), "--db-retries", "0",
                 "list-migrations", db=False)
     outputs.append(wrong.stdout + wrong.stderr)
-    assert wrong.returncode == 1
+    assert wrong.returncode == 3  # could not authenticate
     for text in outputs:
         assert password not in text
         assert s3.secret_key not in text and s3.access_key not in text
@@ -86,11 +86,11 @@ def test_database_tls_modes(cli, tmp_path, schema_ready):
         assert cli("--db-connect", server.dsn, "--db-use-ssl", "list-migrations", db=False).returncode == 0
         untrusted = cli("--db-connect", server.dsn, "--db-retries", "0", "--db-sslmode", "verify-full",
                         "--db-sslrootcert", other_ca, "list-migrations", db=False)
-        assert untrusted.returncode == 1
+        assert untrusted.returncode == 3  # could not connect
         assert "certificate verify failed" in untrusted.stderr
     # --db-use-ssl means sslmode=require: a server without TLS is refused
     plain = cli("--db-connect", schema_ready, "--db-retries", "0", "--db-use-ssl", "list-migrations", db=False)
-    assert plain.returncode == 1 and "SSL" in plain.stderr
+    assert plain.returncode == 3 and "SSL" in plain.stderr
 
 
 def test_s3_ca_bundle_and_verify(db, s3, cli, tmp_path):
@@ -105,7 +105,7 @@ def test_s3_ca_bundle_and_verify(db, s3, cli, tmp_path):
         base["url"] = proxy.endpoint
         untrusted = write_config(tmp_path / "u.yaml", section("s3", base))
         result = cli("check", untrusted)
-        assert result.returncode == 1 and "certificate verify failed" in result.stderr
+        assert result.returncode == 3 and "certificate verify failed" in result.stderr
         unverified = write_config(tmp_path / "v.yaml", section("s3", {**base, "verify": False}))
         assert cli("check", unverified).returncode == 0
         trusted = write_config(tmp_path / "t.yaml", section("s3", {**base, "ca_bundle": ca}))

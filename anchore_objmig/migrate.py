@@ -8,7 +8,6 @@ on other hosts with --join) claim shards from the database until none is left.
 import logging
 import multiprocessing
 import multiprocessing.connection
-import sys
 import time
 from dataclasses import dataclass, replace
 

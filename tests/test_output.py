@@ -11,7 +11,6 @@ import os
 import pty
 import re
 import select
-import signal
 import stat
 import sys
 import time

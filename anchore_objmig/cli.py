@@ -7,7 +7,7 @@ import re
 import sys
 
 from anchore_objmig import __version__, logs
-from anchore_objmig.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_TABLE, EXIT_USAGE, ObjmigError, UsageError
+from anchore_objmig.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_TABLE, EXIT_USAGE, ObjmigError, Terminated, UsageError
 
 log = logging.getLogger("anchore_objmig")
 
@@ -444,6 +444,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         log.error("interrupted; documents already moved stay moved, run the same command again to finish")
         return EXIT_SIGINT
+    except Terminated:
+        log.error("stopped by SIGTERM; documents already moved stay moved, run the same command again to finish")
+        return EXIT_SIGTERM
     except Exception as exc:  # a bug, or a failure we did not foresee: one line, not a traceback
         from anchore_objmig.db import redacted
 

@@ -134,6 +134,11 @@ def try_migration_lock(conn):
     return conn.execute("SELECT pg_try_advisory_lock(%s, %s)", MIGRATION_LOCK).fetchone()[0]
 
 
+def session_started(conn):
+    """When this session started: with its pid, what names it among all sessions ever."""
+    return conn.execute("SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()").fetchone()[0]
+
+
 def release_migration_lock(conn):
     conn.execute("SELECT pg_advisory_unlock(%s, %s)", MIGRATION_LOCK)
 

@@ -66,3 +66,8 @@ class Interrupted(ObjmigError):
     """The operator pressed Ctrl-C; the message says what state was left."""
 
     exit_status = EXIT_INTERRUPTED
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT
+    (a BaseException too, so no `except Exception` swallows it)."""

@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS objmig_runs (
 ALTER TABLE objmig_runs ADD COLUMN IF NOT EXISTS manifest jsonb;
 ALTER TABLE objmig_runs ADD COLUMN IF NOT EXISTS lock_pid integer;
 ALTER TABLE objmig_runs ADD COLUMN IF NOT EXISTS lock_host text;
+ALTER TABLE objmig_runs ADD COLUMN IF NOT EXISTS lock_started timestamptz;
 ALTER TABLE objmig_runs ADD COLUMN IF NOT EXISTS lease_seconds double precision NOT NULL DEFAULT 30;
 ALTER TABLE objmig_runs ADD COLUMN IF NOT EXISTS write_grace_seconds double precision NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS objmig_shards (
@@ -98,10 +99,14 @@ SCHEMA_LOCK = (2, 2)
 
 # The session recorded as the run's lock holder (alias r) still holds Anchore's
 # migration lock pg_advisory_lock(2, 1) in this database.
-LOCK_HELD = """EXISTS (SELECT 1 FROM pg_locks l
+# A session is named by its pid and its start time: after a server restart a
+# new session may get the pid of the run's old one.
+LOCK_HELD = """EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                        WHERE l.locktype = 'advisory' AND l.classid = 2 AND l.objid = 1 AND l.objsubid = 2
-                         AND l.granted AND l.pid = r.lock_pid
+                         AND l.granted AND l.pid = r.lock_pid AND a.backend_start = r.lock_started
                          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))"""
+# This session's start time, recorded with its pid as the run's lock holder.
+SESSION_STARTED = "(SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())"
 
 # The fence: matches the shard row only while `lease` is current and the run
 # is running under its lock. Taking the row lock also orders this transaction
@@ -177,18 +182,18 @@ def ensure_schema(conn):
 
 # -- runs -------------------------------------------------------------------
 RUN_COLUMNS = """task_id, source_location, dest_location, buckets, state, manifest, lock_pid, lock_host,
-                 lease_seconds, write_grace_seconds"""
+                 lease_seconds, write_grace_seconds"""  # the order of RunRow's fields
 
 
-def create_run(conn, task_id, manifest, shards, lock_pid):
+def create_run(conn, task_id, manifest, shards, lock_pid, lock_started):
     """The run's row (with its manifest and lock session) and its shards, in one transaction."""
     from psycopg.types.json import Jsonb
 
     with conn.transaction():
         conn.execute(
             """INSERT INTO objmig_runs (task_id, source_location, dest_location, buckets, documents, bytes,
-                                        manifest, lock_pid, lock_host, lease_seconds, write_grace_seconds)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+                                        manifest, lock_pid, lock_started, lock_host, lease_seconds, write_grace_seconds)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
             (
                 task_id,
                 manifest["source"]["location"],
@@ -198,6 +203,7 @@ def create_run(conn, task_id, manifest, shards, lock_pid):
                 sum(s.bytes for s in shards),
                 Jsonb(manifest),
                 lock_pid,
+                lock_started,
                 socket.gethostname(),
                 manifest["lease_seconds"],
                 manifest["write_grace_seconds"],
@@ -244,28 +250,40 @@ def adopt_run(conn, task_id):
     """After taking the migration lock on `conn`: record this session as the
     run's lock holder. False if the run is no longer running."""
     row = conn.execute(
-        """UPDATE objmig_runs SET lock_pid = pg_backend_pid(), lock_host = %s, updated_at = now()
-           WHERE task_id = %s AND state = 'running' RETURNING task_id""",
+        f"""UPDATE objmig_runs SET lock_pid = pg_backend_pid(), lock_started = {SESSION_STARTED}, lock_host = %s,
+                  updated_at = now()
+            WHERE task_id = %s AND state = 'running' RETURNING task_id""",
         (socket.gethostname(), task_id),
     ).fetchone()
     return row is not None
 
 
 def close_run(conn, task_id, state, reason=None):
-    """Close a run and its task in one transaction. Every lease of the run is
-    revoked first: a worker's fenced transaction either committed before this
-    (its counts are in) or matches nothing after it, so a closed run's
-    counters never change again."""
+    """Close a running run and its task in one transaction; False if it was
+    already closed (by another process). Every lease of the run is revoked
+    first: a worker's fenced transaction either committed before this (its
+    counts are in) or matches nothing after it, so a closed run's counters
+    never change again. Shards that were running become 'revoked' with their
+    heartbeat kept: their workers' last writes may still be in the air, and
+    the next run waits for them (revoked_holders)."""
     from anchore_objmig import tasks
 
     with conn.transaction():
+        row = conn.execute("SELECT state FROM objmig_runs WHERE task_id = %s FOR UPDATE", (task_id,)).fetchone()
+        if not row or row[0] != "running":
+            return False
         conn.execute(
-            """UPDATE objmig_shards SET state = 'failed', error = coalesce(%s, 'run closed')
-               WHERE task_id = %s AND state IN ('pending', 'running')""",
-            (reason, task_id),
+            """WITH locked AS (SELECT shard_no FROM objmig_shards WHERE task_id = %(task_id)s
+                                 AND state IN ('pending', 'running') ORDER BY shard_no FOR UPDATE)
+               UPDATE objmig_shards s
+                  SET state = CASE WHEN s.state = 'running' THEN 'revoked' ELSE 'failed' END,
+                      error = coalesce(%(reason)s, 'run closed')
+                 FROM locked WHERE s.task_id = %(task_id)s AND s.shard_no = locked.shard_no""",
+            {"task_id": task_id, "reason": reason},
         )
         conn.execute("UPDATE objmig_runs SET state = %s, updated_at = now() WHERE task_id = %s", (state, task_id))
         tasks.finish_task(conn, task_id, state)
+    return True
 
 
 # -- shards and leases ------------------------------------------------------
@@ -345,36 +363,51 @@ def heartbeat(conn, leases):
     if not leases:
         return set()
     rows = conn.execute(
-        f"""UPDATE objmig_shards s SET heartbeat = now()
-            FROM objmig_runs r
-            WHERE s.task_id = %s AND (s.shard_no, s.lease) IN (SELECT * FROM unnest(%s::int[], %s::bigint[]))
-              AND s.state = 'running' AND r.task_id = s.task_id AND r.state = 'running' AND {LOCK_HELD}
+        f"""WITH locked AS (SELECT shard_no FROM objmig_shards
+                            WHERE task_id = %(task_id)s AND state = 'running'
+                              AND (shard_no, lease) IN (SELECT * FROM unnest(%(shards)s::int[], %(leases)s::bigint[]))
+                            ORDER BY shard_no FOR UPDATE)  -- in shard order, as close_run locks them
+            UPDATE objmig_shards s SET heartbeat = now()
+            FROM locked, objmig_runs r
+            WHERE s.task_id = %(task_id)s AND s.shard_no = locked.shard_no AND s.state = 'running'
+              AND r.task_id = s.task_id AND r.state = 'running' AND {LOCK_HELD}
             RETURNING s.shard_no""",
-        (leases[0].task_id, [lease.shard_no for lease in leases], [lease.token for lease in leases]),
+        {"task_id": leases[0].task_id, "shards": [lease.shard_no for lease in leases],
+         "leases": [lease.token for lease in leases]},
     ).fetchall()
     return {row[0] for row in rows}
 
 
-def record_batch(conn, lease, documents, nbytes, failures, leftovers=(), deleted=()):
-    """Add a landed batch's counts to its shard and the task, and store its
-    failures, in one fenced transaction (LeaseLost: nothing recorded).
+def count_moved(conn, lease, documents, nbytes):
+    """Inside the fenced metadata commit: the documents it moved count for
+    the shard and the task in the same transaction, so none goes uncounted."""
+    from anchore_objmig import tasks
+
+    if not documents:
+        return
+    conn.execute(
+        """UPDATE objmig_shards SET documents_done = documents_done + %s, bytes_done = bytes_done + %s
+           WHERE task_id = %s AND shard_no = %s""",
+        (documents, nbytes, lease.task_id, lease.shard_no),
+    )
+    tasks.add_migrated(conn, lease.task_id, documents)
+
+
+def record_batch(conn, lease, failures, leftovers=(), deleted=()):
+    """After a batch landed: store its failures and forget the pending deletes
+    done, in one fenced transaction (LeaseLost: nothing recorded).
 
     `failures` are (DocRow, reason) of documents left at their source;
     `leftovers` (DocRow, reason) of documents moved whose old copy could not
     be deleted; `deleted` the old URLs now gone, whose pending deletes are done.
     """
-    from anchore_objmig import tasks
-
-    extra = (", documents_done = s.documents_done + %(documents)s, bytes_done = s.bytes_done + %(bytes)s,"
-             " documents_failed = s.documents_failed + %(failed)s")
+    extra = ", documents_failed = s.documents_failed + %(failed)s"
     with conn.transaction():
-        params = lease.params(documents=documents, bytes=nbytes, failed=len(failures))
+        params = lease.params(failed=len(failures))
         if conn.execute(FENCE.format(extra=extra), params).fetchone() is None:
             raise lost_lease(conn, lease)
         if deleted:
             forget_pending_deletes(conn, deleted)
-        if documents:
-            tasks.add_migrated(conn, lease.task_id, documents)
         rows = [(row, error, "document") for row, error in failures]
         rows += [(row, error, "source-copy") for row, error in leftovers]
         if rows:
@@ -419,16 +452,35 @@ def give_back(conn, lease, error, max_attempts=None):
 
 
 def give_back_dead_workers(conn, task_id, workers, max_attempts, error):
-    """Shards still held by these worker processes, which have exited: pending again (their writes ended with them)."""
+    """Shards still held by these worker processes, which have exited: pending
+    again (their writes ended with them). With `max_attempts` the try counts
+    against the shard; None (an operator's stop) does not count."""
+    counted = max_attempts is not None
     rows = conn.execute(
         """UPDATE objmig_shards
-           SET attempts = attempts + 1, worker = NULL, error = %s,
-               state = CASE WHEN attempts + 1 >= %s THEN 'failed' ELSE 'pending' END
-           WHERE task_id = %s AND state = 'running' AND worker = ANY(%s::text[])
+           SET attempts = attempts + %(add)s, worker = NULL, error = %(error)s,
+               state = CASE WHEN %(counted)s AND attempts + 1 >= %(max)s THEN 'failed' ELSE 'pending' END
+           WHERE task_id = %(task_id)s AND state = 'running' AND worker = ANY(%(workers)s::text[])
            RETURNING shard_no""",
-        (error, max_attempts, task_id, list(workers)),
+        {"add": 1 if counted else 0, "error": error, "counted": counted, "max": max_attempts or 0,
+         "task_id": task_id, "workers": list(workers)},
     ).fetchall()
     return [row[0] for row in rows]
+
+
+def revoked_holders(conn):
+    """(task_id, worker, seconds since its heartbeat, takeover seconds) of shards
+    revoked by a run's close while their worker may still have writes in the air."""
+    if not has_schema(conn):
+        return []
+    return conn.execute(
+        """SELECT s.task_id, s.worker, extract(epoch FROM now() - s.heartbeat)::float,
+                  r.lease_seconds + r.write_grace_seconds
+           FROM objmig_shards s JOIN objmig_runs r ON r.task_id = s.task_id
+           WHERE s.state = 'revoked'
+             AND s.heartbeat > now() - make_interval(secs => r.lease_seconds + r.write_grace_seconds)
+           ORDER BY s.task_id, s.shard_no"""
+    ).fetchall()
 
 
 def live_holders(conn, task_id):
@@ -510,11 +562,13 @@ def failures(conn, task_id, kind="document"):
     # A document that failed once but moved when its shard was retried is not
     # a failure of the run: only those whose metadata still points where they
     # failed count.
-    still_there = (
-        """AND EXISTS (SELECT 1 FROM archive_metadata m WHERE m.bucket = f.bucket AND m."userId" = f.user_id
-                          AND m."archiveId" = f.archive_id AND m.content_url = f.content_url)"""
-        if kind == "document" else ""
-    )
+    still_there = {
+        "document": """AND EXISTS (SELECT 1 FROM archive_metadata m WHERE m.bucket = f.bucket
+                                   AND m."userId" = f.user_id AND m."archiveId" = f.archive_id
+                                   AND m.content_url = f.content_url)""",
+        # an old copy left behind counts only while it is still to be deleted
+        "source-copy": "AND EXISTS (SELECT 1 FROM objmig_pending_deletes p WHERE p.url = f.content_url)",
+    }.get(kind, "")
     return conn.execute(
         f"""SELECT DISTINCT user_id, bucket, archive_id, content_url, error FROM objmig_failures f
             WHERE task_id = %s AND kind = %s {still_there} ORDER BY bucket, user_id, archive_id""",

@@ -17,10 +17,9 @@ from anchore_objmig import db, integrity, ledger, manifest, metrics, plan, prefl
 from anchore_objmig.config import load_store_config
 from anchore_objmig.display import ProgressDisplay, human_bytes, print_json
 from anchore_objmig.drivers import DriverContext, make_driver
-from anchore_objmig.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, ObjmigError, UsageError
+from anchore_objmig.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, ConnectError, ObjmigError, Terminated, UsageError
 from anchore_objmig.faults import crash_point
 from anchore_objmig.redaction import redact_section
-from anchore_objmig.supervisor import Terminated
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +128,7 @@ def run(options, db_settings):
 
 def migrate(conn, options, db_settings, where, source_store, dest_store, source, dest):
     lock_conn = db.connect(db_settings, autocommit=True, role="lock")
+    task_id = None
     try:
         if not db.try_migration_lock(lock_conn):
             raise ObjmigError(
@@ -146,6 +146,7 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
         dest.check_access(write=True)
         dest.clean_up_before_run(conn)
         close_abandoned_runs(conn)
+        wait_for_revoked_writers(conn)
         if options.delete_source:
             finish_pending_deletes(conn, source)
 
@@ -155,9 +156,11 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
         task_id = tasks.create_task(conn, source.name, dest.name, total)
         crash_point("after-task")
         run_manifest = manifest.build(source, dest, source_store, dest_store, options)
-        ledger.create_run(conn, task_id, run_manifest, shards, lock_conn.info.backend_pid)
+        ledger.create_run(conn, task_id, run_manifest, shards, lock_conn.info.backend_pid, db.session_started(lock_conn))
         crash_point("after-plan")
     except BaseException:
+        if task_id is not None:  # stopped while planning: close the task it had opened
+            close_unstarted(conn, task_id)
         lock_conn.close()
         raise
     log.info("migration task %d: %d documents (%s stored at the source) in %d shards, %d workers",
@@ -172,61 +175,86 @@ def work_on_run(options, db_settings, spec, guard, source, dest_store, task_id):
     """This host's part of a run, and the run's end if this host holds its lock."""
     started = time.monotonic()
     work = db.Reconnecting(db_settings)
+    names = []  # this host's worker names, to give their shards back after a stop
     try:
         try:
             reporter = ProgressReporter(work, task_id, options.progress)
-            workers_of_host(spec, options, reporter, guard)
+            workers_of_host(spec, options, reporter, guard, work, names)
             guard.check_now()  # a joiner takes the lock over if its holder died meanwhile
             while guard.holding and not guard.failure:
-                if not wait_for_other_hosts(work.conn, task_id):
+                if not retrying(work, lambda conn: wait_for_other_hosts(conn, task_id)):
                     break
-                workers_of_host(spec, options, reporter, guard)  # shards given back or taken over
+                workers_of_host(spec, options, reporter, guard, work, names)  # shards given back or taken over
             reporter.close()
+            if guard.failure:
+                log.error("migration task %d stopped on this host: %s. Documents already moved stay moved and "
+                          "readable; run the same command again (without --join): it closes the task and moves "
+                          "the rest", task_id, guard.failure)
+                return EXIT_FAILED
+            if not guard.holding:
+                log.info("no shards left for this host in task %d; the host holding the migration lock finishes it",
+                         task_id)
+                return EXIT_OK
+            if options.delete_source:
+                retrying(work, lambda conn: finish_pending_deletes(conn, source))
+            crash_point("before-finish")
+            return retrying(work, lambda conn: finish(conn, task_id, dest_store, options, time.monotonic() - started))
         except (KeyboardInterrupt, Terminated) as stop:
-            return interrupted(db_settings, guard, task_id, stop)
-        if guard.failure:
-            log.error("migration task %d stopped on this host: %s. Documents already moved stay moved and "
-                      "readable; run the same command again (without --join) to finish", task_id, guard.failure)
+            return interrupted(db_settings, guard, task_id, stop, names)
+        except (ObjmigError, psycopg.Error) as exc:  # the run had started: never "nothing was changed" (exit 3)
+            log.error("migration task %d stopped on this host: %s. Documents already moved stay moved and readable; "
+                      "run the same command again (without --join): it closes the task and moves the rest",
+                      task_id, db.redacted(db.first_line(exc)))
             return EXIT_FAILED
-        if not guard.holding:
-            log.info("no shards left for this host in task %d; the host holding the migration lock finishes it",
-                     task_id)
-            return EXIT_OK
-        if options.delete_source:
-            finish_pending_deletes(work.conn, source)
-        crash_point("before-finish")
-        return finish(work.conn, task_id, dest_store, options, time.monotonic() - started)
     finally:
         guard.finish()
         work.close()
 
 
-def workers_of_host(spec, options, reporter, guard):
+def retrying(work, step, seconds=worker.LOCK_WAIT_SECONDS):
+    """step(conn) on the work connection, tried again while the database is away."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return step(work.conn)
+        except (psycopg.OperationalError, ConnectError) as exc:
+            work.close()
+            if time.monotonic() > deadline:
+                raise ObjmigError(f"the database was unreachable for {seconds}s ({db.first_line(exc)})") from None
+            time.sleep(1)
+
+
+def workers_of_host(spec, options, reporter, guard, work, names):
     """Run this host's workers until they find nothing to claim; give back
     what any of them held when it ended (their writes ended with them)."""
-    names = supervisor.run_workers(spec, options.workers, options.log_settings, reporter.maybe_report, guard.stop)
-    given = ledger.give_back_dead_workers(reporter.work.conn, spec.task_id, names, worker.MAX_SHARD_ATTEMPTS,
-                                          "its worker process ended")
+    supervisor.run_workers(spec, options.workers, options.log_settings, reporter.maybe_report, guard.stop, names)
+    given = retrying(work, lambda conn: ledger.give_back_dead_workers(
+        conn, spec.task_id, names, worker.MAX_SHARD_ATTEMPTS, "its worker process ended"))
     if given:
         log.warning("gave back %d shards held by worker processes that ended", len(given))
 
 
-def interrupted(db_settings, guard, task_id, stop):
-    """SIGINT or SIGTERM: the workers have stopped; close the run now rather
-    than leave it running for the next run to find."""
+def interrupted(db_settings, guard, task_id, stop, names):
+    """SIGINT or SIGTERM: this host's workers have stopped and their writes
+    are over. Give their shards back, and if this host holds the run's lock,
+    close the run now rather than leave it running for the next run to find."""
     status = EXIT_SIGTERM if isinstance(stop, Terminated) else EXIT_SIGINT
     name = "SIGTERM" if status == EXIT_SIGTERM else "SIGINT"
-    if guard.holding:
-        try:
-            with db.connect(db_settings, autocommit=True) as conn:
-                ledger.close_run(conn, task_id, "failed", f"interrupted by {name}")
-        except (psycopg.Error, ObjmigError) as exc:
-            log.warning("could not close migration task %d (%s); the next run closes it", task_id, db.first_line(exc))
+    closed = False
+    try:
+        with db.connect(db_settings, autocommit=True) as conn:
+            ledger.give_back_dead_workers(conn, task_id, names, None, f"interrupted by {name}")
+            if guard.holding:
+                closed = ledger.close_run(conn, task_id, "failed", f"interrupted by {name}")
+    except (psycopg.Error, ObjmigError) as exc:
+        log.warning("could not record the stop of migration task %d (%s); the next run closes it", task_id,
+                    db.first_line(exc))
+    if closed:
         log.error("interrupted by %s: migration task %d closed as failed. Documents already moved stay moved and "
                   "readable; run the same command again to move the rest", name, task_id)
     else:
-        log.error("interrupted by %s: this host stopped helping migration task %d; its shards go back to the run",
-                  name, task_id)
+        log.error("interrupted by %s: this host stopped working on migration task %d; its shards went back to the "
+                  "run", name, task_id)
     return status
 
 
@@ -242,6 +270,32 @@ def worker_spec(options, db_settings, source_store, dest_store, task_id):
         io_threads=options.io_threads,
         multipart_threshold=options.multipart_threshold,
     )
+
+
+def close_unstarted(conn, task_id):
+    try:
+        if not ledger.close_run(conn, task_id, "failed", "stopped while planning"):
+            tasks.finish_task(conn, task_id, "failed")
+    except (psycopg.Error, ObjmigError) as exc:
+        log.warning("could not close migration task %d (%s); the next run closes it", task_id, db.first_line(exc))
+
+
+def wait_for_revoked_writers(conn):
+    """Runs closed while other hosts still worked (SIGINT, SIGTERM) left shards
+    'revoked': their workers' last writes may still be in the air. Wait until
+    none can land, so this run's commits are never overwritten by them."""
+    announced = set()
+    while True:
+        waiting = [(task_id, name, age, limit) for task_id, name, age, limit in ledger.revoked_holders(conn)
+                   if not supervisor.local_and_dead(name)]
+        if not waiting:
+            return
+        for task_id, name, age, limit in waiting:
+            if (task_id, name) not in announced:
+                announced.add((task_id, name))
+                log.warning("waiting up to %.0fs for worker %s of closed task %d to stop writing", limit - age, name,
+                            task_id)
+        time.sleep(1)
 
 
 def close_abandoned_runs(conn):
@@ -330,6 +384,8 @@ def join(conn, options, db_settings, source_store, dest_store, source, dest):
             f"migration task {run_row.task_id} is marked running but no process holds the migration lock: "
             "it stopped; run the same command without --join to finish it"
         )
+    source.check_access(write=False)  # this host's credentials: fail before taking any shard
+    dest.check_access(write=True, create=False)
     options, source_store, dest_store = manifest.adopt(run_row.manifest, options, source_store, dest_store)
     log.info("joining migration task %d (started on %s) with the run's settings: compression %s, %s source copies",
              run_row.task_id, run_row.lock_host, "on" if dest_store.compression_enabled else "off",
@@ -349,7 +405,10 @@ def finish(conn, task_id, dest_store, options, seconds):
     resolved = ledger.resolved_failures(conn, task_id)
     left = scope.report(conn, options)  # rows in scope anywhere but the destination
     state = "complete" if not failed and not unfinished and not left.elsewhere else "failed"
-    ledger.close_run(conn, task_id, state)
+    if not ledger.close_run(conn, task_id, state):
+        log.error("migration task %d was closed by another process meanwhile (a new migration took the lock); "
+                  "run the same command again to finish", task_id)
+        return EXIT_FAILED
     totals = ledger.totals(conn, task_id)  # final: no fenced write lands after the close
     metrics.record(options.metrics_file, metrics.RunResult(
         command=metrics.MIGRATE, success=state == "complete" and not leftovers, duration_seconds=seconds,
@@ -447,7 +506,7 @@ class ProgressReporter:
     def totals(self):
         try:
             return ledger.totals(self.work.conn, self.task_id)
-        except psycopg.OperationalError:  # the database is away for a moment: skip this update
+        except (psycopg.Error, ObjmigError):  # the database is away for a moment: skip this update
             self.work.close()
             return None
 

@@ -20,15 +20,12 @@ import time
 import psycopg
 
 from anchore_objmig import db, ledger, worker
+from anchore_objmig.errors import ObjmigError, Terminated
 
 log = logging.getLogger(__name__)
 
 GUARD_INTERVAL = 1.0  # seconds between checks of the lock session
 REGAIN_SECONDS = 60  # how long the holder tries to reconnect and take the lock again
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
 
 
 def install_signal_handlers():
@@ -63,7 +60,7 @@ class RunGuard(threading.Thread):
                     self.lock_conn.execute("SELECT 1")
                 else:
                     self.watch()
-            except psycopg.Error as exc:
+            except (psycopg.Error, ObjmigError) as exc:  # a dropped session, or the database away a while
                 if self.holding:
                     self.regain(exc)
                 else:
@@ -94,7 +91,7 @@ class RunGuard(threading.Thread):
         just now is not missed between two checks of the thread."""
         try:
             self.watch()
-        except psycopg.Error as exc:
+        except (psycopg.Error, ObjmigError) as exc:
             log.debug("could not check the run's lock holder: %s", db.first_line(exc))
 
     def take_lock(self, conn):
@@ -167,18 +164,22 @@ class RunGuard(threading.Thread):
                 pass
 
 
-def run_workers(spec, count, log_settings, on_batch=None, stop=None):
+def run_workers(spec, count, log_settings, on_batch=None, stop=None, names=None):
     """Run `count` workers: this process is one of them (it would only wait
     otherwise, and a new interpreter costs half a second of imports), the
-    others are new processes bound to this one. Their names, for give-back."""
+    others are new processes bound to this one. Their names are added to
+    `names` as they start, for giving their shards back."""
+    names = [] if names is None else names
     spawn = multiprocessing.get_context("spawn")  # no inherited sockets or locks
     spec = worker.replace_parent(spec, os.getpid())
     processes = [
         spawn.Process(target=worker.worker_main, args=(spec, log_settings), name=f"objmig-worker-{n}")
         for n in range(1, count)
     ]
+    names.append(worker.worker_name(spec.instance))
     for process in processes:
         process.start()
+        names.append(worker.worker_name(spec.instance, process.pid))
     try:
         worker.run_worker(spec, on_batch=on_batch, stop=stop)
         while any(process.is_alive() for process in processes):
@@ -193,7 +194,7 @@ def run_workers(spec, count, log_settings, on_batch=None, stop=None):
     for process in processes:
         if process.exitcode != 0:
             log.error("worker %s ended with exit status %s", process.name, process.exitcode)
-    return [worker.worker_name(process.pid) for process in processes] + [worker.worker_name()]
+    return names
 
 
 def stop_processes(processes, timeout=30):
@@ -209,8 +210,8 @@ def stop_processes(processes, timeout=30):
 
 
 def local_and_dead(worker_label):
-    """Whether a worker named host:pid ran on this host and has exited."""
-    host, _, pid = (worker_label or "").rpartition(":")
+    """Whether a worker named host:pid:instance ran on this host and has exited."""
+    host, _, pid = (worker_label or "").rsplit(":", 1)[0].rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
     try:

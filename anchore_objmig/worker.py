@@ -22,7 +22,7 @@ from anchore_objmig import codec, db, integrity, ledger, logs, plan
 from anchore_objmig.faults import crash_point
 from anchore_objmig.db import DbSettings
 from anchore_objmig.drivers import DocRow, DriverContext, NotFound, WriteItem, make_driver
-from anchore_objmig.errors import ObjmigError
+from anchore_objmig.errors import ConnectError, ObjmigError
 from anchore_objmig.ledger import LeaseLost
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class WorkerSpec:
     io_threads: int = 32
     multipart_threshold: int = 8 * 1024 * 1024
     parent_pid: int | None = None  # a worker process exits when this process is gone
+    instance: str = ""  # random, per host run: host:pid alone can repeat across containers
 
 
 @dataclass
@@ -71,12 +72,14 @@ class BatchResult:
 
 
 def replace_parent(spec, pid):
-    return replace(spec, parent_pid=pid)
+    import secrets
+
+    return replace(spec, parent_pid=pid, instance=secrets.token_hex(4))
 
 
-def worker_name(pid=None):
-    """How a worker process is named in objmig_shards: host:pid."""
-    return f"{socket.gethostname()}:{pid or os.getpid()}"
+def worker_name(instance, pid=None):
+    """How a worker process is named in objmig_shards: host:pid:instance."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}:{instance}"
 
 
 def read_sources(source, rows):
@@ -184,6 +187,8 @@ def commit_metadata(conn, lease, written, result, delete_source):
             free = integrity.unreferenced(conn, old_urls)
             result.kept = sorted(set(old_urls) - free)
             ledger.note_pending_deletes(conn, lease.task_id, sorted(free))
+        moved = [(row, item) for row, item in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]
+        ledger.count_moved(conn, lease, len(moved), sum(item.stored.size for _, item in moved))
         crash_point("before-commit")
     if result.kept:  # the other rows may have moved in a concurrent transaction: look again, now all is committed
         with conn.transaction():
@@ -315,9 +320,7 @@ def finish_batch(spec, flight, source, conn, on_batch):
         log.error("document %s not moved: %s", row.label, reason)
     for row, reason in result.leftovers:
         log.warning("document %s: %s", row.label, reason)
-    ledger.record_batch(
-        conn, flight.lease, len(result.moved), result.bytes, result.failures, result.leftovers, result.deleted,
-    )
+    ledger.record_batch(conn, flight.lease, result.failures, result.leftovers, result.deleted)
     moved = set(result.moved)
     integrity.record_unverifiable(conn, flight.lease.task_id, [row for row in result.unverifiable if row in moved])
     crash_point("after-record")
@@ -368,12 +371,26 @@ class Fence:
     after its shard may have a new owner.
     """
 
-    def __init__(self, lease_seconds):
+    def __init__(self, lease_seconds, write_grace_seconds=0.0):
         self.lease_seconds = lease_seconds
+        # A batch showing no progress for longer than any write can take is
+        # stuck (a hung mount, say): its lease is let lapse so another worker
+        # can take the shard over.
+        self.stuck_after = lease_seconds + write_grace_seconds
+        self.progressed = boot_clock()
         self.lock = threading.Lock()
         self.deadlines = {}  # shard_no -> clock value until which its lease holds
         self.leases = {}  # shard_no -> Lease
         self.lost = None  # LeaseLost once any held lease is gone
+
+    def progress(self):
+        """The worker moved on (claimed a shard, launched or landed a batch)."""
+        self.progressed = boot_clock()
+
+    def stuck_for(self):
+        """Seconds without progress while holding leases, past the bound; else 0."""
+        idle = boot_clock() - self.progressed
+        return idle if self.leases and idle > self.stuck_after else 0
 
     def hold(self, lease, confirmed_at):
         with self.lock:
@@ -396,8 +413,10 @@ class Fence:
                 if shard_no in self.deadlines:
                     self.deadlines[shard_no] = at + self.lease_seconds
 
-    def mark_lost(self, error):
+    def mark_lost(self, error, lease=None):
         with self.lock:
+            if lease is not None and self.leases.get(lease.shard_no) != lease:
+                return  # released meanwhile (finished or given back): not a loss
             if self.lost is None or (error.run_over and not self.lost.run_over):
                 self.lost = error
 
@@ -429,12 +448,13 @@ class Heartbeat(threading.Thread):
         self.stopping = threading.Event()
         self.conn = None
         self.reported = set()
+        self.stuck_reported = False
 
     def run(self):
         while not self.stopping.wait(self.interval):
             try:
                 self.beat()
-            except psycopg.Error as exc:  # leases simply run out if this keeps failing
+            except Exception as exc:  # noqa: BLE001 - the database away: leases simply run out meanwhile
                 log.debug("heartbeat failed: %s", db.first_line(exc))
                 self.close()
 
@@ -442,6 +462,15 @@ class Heartbeat(threading.Thread):
         if self.conn is None or self.conn.closed:
             self.conn = db.connect(self.db_settings, autocommit=True, role="heartbeat")
         leases = self.fence.held()
+        stuck = self.fence.stuck_for()
+        if stuck:
+            if not self.stuck_reported:
+                self.stuck_reported = True
+                log.warning("no progress for %.0fs (a write or read that does not return): letting the leases on "
+                            "shards %s lapse so another worker can take them over", stuck,
+                            ", ".join(str(lease.shard_no) for lease in leases))
+            return
+        self.stuck_reported = False
         started = boot_clock()
         refreshed = ledger.heartbeat(self.conn, leases)
         self.fence.confirmed(refreshed, started)
@@ -449,7 +478,7 @@ class Heartbeat(threading.Thread):
             if lease.shard_no not in refreshed:
                 error = ledger.lost_lease(self.conn, lease)
                 log.debug("heartbeat: shard %d: %s", lease.shard_no, error)
-                self.fence.mark_lost(error)
+                self.fence.mark_lost(error, lease)
         self.report_blockers()
 
     def report_blockers(self):
@@ -489,6 +518,7 @@ class Pipeline:
 
     def launch(self, conn, lease, rows, last):
         self.fence.check()
+        self.fence.progress()
         self.in_flight.append(launch_batch(conn, lease, rows, self.source, self.dest, self.spec.dest, last))
         while len(self.in_flight) > self.DEPTH:
             self.land_oldest(conn)
@@ -496,6 +526,7 @@ class Pipeline:
     def land_oldest(self, conn):
         flight = self.in_flight[0]
         finish_batch(self.spec, flight, self.source, conn, self.on_batch)
+        self.fence.progress()
         self.in_flight.popleft()  # only now: a batch that failed to land stays for abandon()
         if flight.last:
             self.finish(conn, flight.lease)
@@ -544,7 +575,7 @@ def run_worker(spec, on_batch=None, stop=None):
     context = DriverContext(spec.db_settings, spec.io_threads, spec.multipart_threshold)
     conn = context.db_connection()
     run = ledger.get_run(conn, spec.task_id)
-    fence = Fence(run.lease_seconds if run else ledger.RunRow.lease_seconds)
+    fence = Fence(run.lease_seconds, run.write_grace_seconds) if run else Fence(ledger.RunRow.lease_seconds)
     context.fence = fence
     source = make_driver(spec.source, context)
     dest = make_driver(spec.dest, context)
@@ -552,7 +583,8 @@ def run_worker(spec, on_batch=None, stop=None):
     pipeline = Pipeline(spec, source, dest, fence, on_batch)
     heart = Heartbeat(fence, spec.db_settings, conn)
     heart.start()
-    name = worker_name()
+    name = worker_name(spec.instance)
+    away_since = None  # when the database became unreachable
     try:
         while stop is None or not stop.is_set():
             lease = None
@@ -567,6 +599,7 @@ def run_worker(spec, on_batch=None, stop=None):
                         return
                     continue
                 fence.hold(lease, claimed_at)
+                fence.progress()
                 if previous:
                     log.warning("took over shard %d from %s, silent for longer than the run's takeover time",
                                 lease.shard_no, previous)
@@ -581,9 +614,19 @@ def run_worker(spec, on_batch=None, stop=None):
                     return
             except Exception as exc:
                 stuck = [*pipeline.abandon(), *([lease] if lease else [])]
-                if not stuck:
-                    raise  # claiming itself fails: retrying in a loop would only spin
-                give_back(context, fence, stuck, exc)
+                if stuck:
+                    give_back(context, fence, stuck, exc)
+                if not database_away(exc):
+                    if not stuck:
+                        raise  # claiming itself fails: retrying in a loop would only spin
+                    continue
+                away_since = away_since or time.monotonic()
+                if time.monotonic() - away_since > LOCK_WAIT_SECONDS:
+                    raise ObjmigError(f"the database was unreachable for {LOCK_WAIT_SECONDS}s: {db.first_line(exc)}; "
+                                      "this worker stops") from None
+                time.sleep(1)  # the database restarts, or a dropped connection: try again
+                continue
+            away_since = None
     finally:
         heart.stop()
         source.close()
@@ -626,14 +669,30 @@ def release(context, fence, leases, reason, counted):
             log.debug("could not give back shard %d: %s", lease.shard_no, exc)
 
 
+def database_away(exc):
+    """A dropped connection, a restarting server, a lock wait given up: worth waiting out."""
+    return isinstance(exc, (psycopg.OperationalError, ConnectError))
+
+
 def give_back(context, fence, leases, exc):
     """After an error: shards go back to pending when the database connection
-    dropped (everything committed is consistent), or fail otherwise."""
+    dropped (everything committed is consistent), or fail otherwise. With the
+    database away, the leases simply lapse and the shards are taken over."""
+    try:
+        give_back_now(context, fence, leases, exc)
+    except (psycopg.Error, ObjmigError) as again:
+        for lease in leases:
+            fence.release(lease)
+        log.warning("could not give back shards %s (%s); their leases lapse instead",
+                    ", ".join(str(lease.shard_no) for lease in leases), db.first_line(again))
+
+
+def give_back_now(context, fence, leases, exc):
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     conn = context.db_connection()
     for lease in {lease.shard_no: lease for lease in leases}.values():
         fence.release(lease)
-        if isinstance(exc, psycopg.OperationalError):
+        if database_away(exc):
             log.warning("shard %d: database connection lost (%s); giving the shard back", lease.shard_no, reason)
             state = ledger.give_back(conn, lease, str(exc)[:1000], MAX_SHARD_ATTEMPTS)
             if state == "failed":

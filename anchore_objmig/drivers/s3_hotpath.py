@@ -78,10 +78,14 @@ def make_minio(config, io_threads, truthy):
             total=attempts - 1,
             backoff_factor=0.5,  # 0.5, 1, 2, 4 s ... with jitter, like botocore's standard mode
             backoff_jitter=0.5,
+            # At most 20 s between attempts and no server-chosen Retry-After:
+            # the run's takeover time counts on how long a write can retry
+            # (manifest.write_grace_seconds).
+            backoff_max=20,
             status_forcelist=RETRY_STATUSES,
             allowed_methods=None,  # PUT and GET of a whole object are safe to repeat
             raise_on_status=False,  # give us the last answer, so the error names its S3 code
-            respect_retry_after_header=True,
+            respect_retry_after_header=False,
         ),
     )
     if truthy(config.get("iamauto")):

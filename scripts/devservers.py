@@ -758,6 +758,15 @@ class PostgresServer:
                      timeout=READY_TIMEOUT + STOP_TIMEOUT + 10)
         self.postmaster_pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
 
+    def stop_for(self, seconds: float) -> None:
+        """An outage: stop the server, wait, start it again on the same port."""
+        self._run_pg([_pg_binary("pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "fast", "-w",
+                      "-t", str(int(STOP_TIMEOUT)), "-s"], timeout=STOP_TIMEOUT + 10)
+        time.sleep(seconds)
+        self._run_pg([_pg_binary("pg_ctl"), "start", "-D", str(self.data_dir), "-w",
+                      "-t", str(int(READY_TIMEOUT)), "-s"], timeout=READY_TIMEOUT + 10)
+        self.postmaster_pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+
     # -- stop --------------------------------------------------------------
     def stop(self) -> None:
         _RUNNING.pop(self, None)

@@ -69,6 +69,12 @@ CREATE TABLE IF NOT EXISTS objmig_shards (
     PRIMARY KEY (task_id, shard_no)
 );
 ALTER TABLE objmig_shards ADD COLUMN IF NOT EXISTS lease bigint NOT NULL DEFAULT 0;
+-- Shards are primary-key ranges (plan.Shard): lower (exclusive) and upper
+-- (inclusive) keys; bucket/user_id/lower_id/upper_id are from older versions.
+ALTER TABLE objmig_shards ADD COLUMN IF NOT EXISTS lower_key text[];
+ALTER TABLE objmig_shards ADD COLUMN IF NOT EXISTS upper_key text[];
+ALTER TABLE objmig_shards ALTER COLUMN bucket DROP NOT NULL;
+ALTER TABLE objmig_shards ALTER COLUMN user_id DROP NOT NULL;
 CREATE TABLE IF NOT EXISTS objmig_failures (
     task_id          integer NOT NULL,
     bucket           text NOT NULL,
@@ -211,9 +217,10 @@ def create_run(conn, task_id, manifest, shards, lock_pid, lock_started):
         )
         with conn.cursor() as cur:
             cur.executemany(
-                """INSERT INTO objmig_shards (task_id, shard_no, bucket, user_id, lower_id, upper_id, documents, bytes)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s)""",
-                [(task_id, s.shard_no, s.bucket, s.user_id, s.lower, s.upper, s.documents, s.bytes) for s in shards],
+                """INSERT INTO objmig_shards (task_id, shard_no, lower_key, upper_key, documents, bytes)
+                   VALUES (%s, %s, %s, %s, %s, %s)""",
+                [(task_id, s.shard_no, list(s.lower) if s.lower else None, list(s.upper) if s.upper else None,
+                  s.documents, s.bytes) for s in shards],
             )
 
 
@@ -308,14 +315,15 @@ def claim_shard(conn, task_id, worker):
                 UPDATE objmig_shards s SET state = 'running', worker = %(worker)s, host = %(host)s,
                        heartbeat = now(), lease = s.lease + 1
                 FROM next WHERE s.task_id = next.task_id AND s.shard_no = next.shard_no
-                RETURNING s.shard_no, s.bucket, s.user_id, s.lower_id, s.upper_id, s.documents, s.bytes, s.lease,
+                RETURNING s.shard_no, s.lower_key, s.upper_key, s.documents, s.bytes, s.lease,
                           next.previous_state, next.previous_worker""",
             {"task_id": task_id, "worker": worker, "host": socket.gethostname()},
         ).fetchone()
     if not row:
         return None, None
-    lease = Lease(task_id, Shard(*row[:7]), row[7], worker)
-    return lease, (row[9] if row[8] == "running" else None)
+    shard_no, lower, upper, documents, nbytes, token, previous_state, previous_worker = row
+    shard = Shard(shard_no, tuple(lower) if lower else None, tuple(upper) if upper else None, documents, nbytes)
+    return Lease(task_id, shard, token, worker), (previous_worker if previous_state == "running" else None)
 
 
 def claim_outlook(conn, task_id):
@@ -587,7 +595,11 @@ def resolved_failures(conn, task_id):
 
 
 def failed_shards(conn, task_id):
-    return conn.execute(
-        "SELECT shard_no, bucket, user_id, error FROM objmig_shards WHERE task_id = %s AND state <> 'done' ORDER BY shard_no",
+    """(shard_no, label, error) of the run's shards not done."""
+    rows = conn.execute(
+        """SELECT shard_no, lower_key, upper_key, error FROM objmig_shards
+           WHERE task_id = %s AND state <> 'done' ORDER BY shard_no""",
         (task_id,),
     ).fetchall()
+    return [(shard_no, Shard(shard_no, tuple(lower) if lower else None, tuple(upper) if upper else None, 0, 0).label,
+             error) for shard_no, lower, upper, error in rows]

@@ -150,9 +150,8 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
         if options.delete_source:
             finish_pending_deletes(conn, source)
 
-        groups = plan.summarize(conn, where)
-        shards = plan.cut_shards(conn, where, groups, options.shard_documents, options.shard_bytes)
-        total = sum(group.documents for group in groups)
+        shards = plan.cut_shards(conn, where, options.shard_documents, options.shard_bytes)
+        total = sum(shard.documents for shard in shards)
         task_id = tasks.create_task(conn, source.name, dest.name, total)
         crash_point("after-task")
         run_manifest = manifest.build(source, dest, source_store, dest_store, options)
@@ -164,7 +163,7 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
         lock_conn.close()
         raise
     log.info("migration task %d: %d documents (%s stored at the source) in %d shards, %d workers",
-             task_id, total, human_bytes(sum(g.bytes for g in groups)), len(shards), options.workers)
+             task_id, total, human_bytes(sum(s.bytes for s in shards)), len(shards), options.workers)
     guard = supervisor.RunGuard(db_settings, task_id, lock_conn)
     guard.start()
     spec = worker_spec(options, db_settings, source_store, dest_store, task_id)
@@ -421,8 +420,8 @@ def finish(conn, task_id, dest_store, options, seconds):
         log.error("FAILED %s/%s/%s (%s): %s", user_id, bucket, archive_id, url, error)
     if len(failed) > NAMED_FAILURES:
         log.error("... and %d more failed documents (table objmig_failures, task_id %d)", len(failed) - NAMED_FAILURES, task_id)
-    for shard_no, bucket, user_id, error in unfinished:
-        log.error("shard %d (%s/%s) did not finish: %s", shard_no, user_id, bucket, error or "worker stopped")
+    for shard_no, label, error in unfinished:
+        log.error("shard %d (%s) did not finish: %s", shard_no, label, error or "worker stopped")
     for user_id, bucket, archive_id, url, error in leftovers[:NAMED_FAILURES]:
         log.warning("LEFT %s: %s", url, error)
     integrity.report_unverifiable(conn, task_id)
@@ -440,7 +439,7 @@ def finish(conn, task_id, dest_store, options, seconds):
 def dry_run(conn, where, source, dest, dest_store, options):
     """Print what a migration would move; change nothing anywhere."""
     groups = plan.summarize(conn, where)
-    shards = plan.cut_shards(conn, where, groups, options.shard_documents, options.shard_bytes)
+    shards = plan.cut_shards(conn, where, options.shard_documents, options.shard_bytes)
     would_compress = 0
     if dest_store.compression_enabled and dest.supports_compression:
         would_compress = conn.execute(

@@ -5,11 +5,12 @@ the source driver's location (scheme, plus S3 bucket and prefix or the
 localfs directory) and is not already the URL the destination would give it.
 So an s3-to-s3 move between buckets works, and a rerun skips what is done.
 
-Planning runs in the database: per (logical bucket, userId) group only counts
-and, for large groups, archiveId boundaries come back, never the rows.
+Planning runs in the database: one walk of archive_metadata's primary key
+returns each shard's last key, never the rows. Shards are primary-key
+ranges sized by documents and bytes, not by account, so hundreds of small
+accounts share a few shards and every batch is an index range scan.
 """
 
-import math
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -18,17 +19,31 @@ DEFAULT_SHARD_DOCUMENTS = 5000
 DEFAULT_SHARD_BYTES = 512 * 1024 * 1024
 
 
+KEY = ("bucket", "archiveId", "userId", "documentName")  # archive_metadata's primary key, in its order
+KEY_SQL = 'm.bucket, m."archiveId", m."userId", m."documentName"'
+
+
 @dataclass(frozen=True)
 class Shard:
-    """Documents of one logical bucket and user with lower < archiveId <= upper."""
+    """Documents whose primary key k has lower < k <= upper (in key order).
+
+    Shards are ranges of archive_metadata's primary key, so every batch is an
+    index range scan however many accounts there are, and small accounts
+    share a shard.
+    """
 
     shard_no: int
-    bucket: str
-    user_id: str
-    lower: str | None  # exclusive; None: from the first
-    upper: str | None  # inclusive; None: to the last
+    lower: tuple | None  # exclusive (bucket, archiveId, userId, documentName); None: from the first
+    upper: tuple | None  # inclusive; None: to the last
     documents: int
     bytes: int
+
+    @property
+    def label(self):
+        """How the operator sees the shard: the buckets and users it starts and ends in."""
+        first = "/".join(self.lower[:3:2][::-1]) if self.lower else "start"
+        last = "/".join(self.upper[:3:2][::-1]) if self.upper else "end"
+        return f"{first} .. {last}"
 
 
 @dataclass(frozen=True)
@@ -70,61 +85,83 @@ def summarize(conn, where):
     return [GroupSummary(*row) for row in conn.execute(query)]
 
 
-def boundaries(conn, where, group, pieces):
-    """archiveIds cutting a group into `pieces` ranges of about equal count."""
-    step = math.ceil(group.documents / pieces)
+def cut_shards(conn, where, max_documents=DEFAULT_SHARD_DOCUMENTS, max_bytes=DEFAULT_SHARD_BYTES):
+    """Shards covering every selected document, in primary-key order, each at
+    most `max_documents` documents and about `max_bytes` (a shard ends with
+    the document that crosses the limit, so it may exceed it by that one).
+
+    One query in the database: a walk of the primary key that returns only
+    each shard's last key, never the rows.
+    """
     query = sql.SQL(
-        """SELECT a FROM (
-               SELECT m."archiveId" AS a, row_number() OVER (ORDER BY m."archiveId") AS n
-               FROM archive_metadata m WHERE {} AND m.bucket = %s AND m."userId" = %s) s
-           WHERE n %% %s = 0 ORDER BY a"""
+        """SELECT bucket, "archiveId", "userId", "documentName", n, b FROM (
+               SELECT k.*, lead(p) OVER w AS next_p, lead(q) OVER w AS next_q FROM (
+                   SELECT m.bucket, m."archiveId", m."userId", m."documentName",
+                          row_number() OVER w AS n, sum(coalesce(m.size, 0)) OVER w AS b,
+                          (row_number() OVER w - 1) / %(docs)s AS p,
+                          div(sum(coalesce(m.size, 0)) OVER w - coalesce(m.size, 0), %(bytes)s) AS q
+                   FROM archive_metadata m WHERE {}
+                   WINDOW w AS (ORDER BY m.bucket, m."archiveId", m."userId", m."documentName")) k
+               WINDOW w AS (ORDER BY k.bucket, k."archiveId", k."userId", k."documentName")) c
+           WHERE next_p IS NULL OR (next_p, next_q) <> (p, q)
+           ORDER BY n"""
     ).format(where)
-    cuts = [row[0] for row in conn.execute(query, (group.bucket, group.user_id, step))]
-    # Equal archiveIds (several documentNames) cannot be split apart.
-    return sorted(set(cuts))
-
-
-def cut_shards(conn, where, groups, max_documents=DEFAULT_SHARD_DOCUMENTS, max_bytes=DEFAULT_SHARD_BYTES):
-    """Shards covering every group, each within the document and byte bounds."""
     shards = []
-    for group in groups:
-        pieces = max(math.ceil(group.documents / max_documents), math.ceil(group.bytes / max_bytes), 1)
-        cuts = boundaries(conn, where, group, pieces) if pieces > 1 else []
-        edges = [None, *cuts, None]
-        for lower, upper in zip(edges, edges[1:]):
-            shards.append(
-                Shard(
-                    shard_no=len(shards) + 1,
-                    bucket=group.bucket,
-                    user_id=group.user_id,
-                    lower=lower,
-                    upper=upper,
-                    # Estimates for display; the worker counts what it really moves.
-                    documents=math.ceil(group.documents / (len(cuts) + 1)),
-                    bytes=math.ceil(group.bytes / (len(cuts) + 1)),
-                )
-            )
+    lower, done_documents, done_bytes = None, 0, 0
+    for *key, documents, nbytes in conn.execute(query, {"docs": max_documents, "bytes": max_bytes}):
+        upper = tuple(key)
+        shards.append(Shard(len(shards) + 1, lower, upper, documents - done_documents, int(nbytes) - done_bytes))
+        lower, done_documents, done_bytes = upper, documents, int(nbytes)
+    if shards:  # the last shard runs to the end, so nothing planned is missed
+        last = shards[-1]
+        shards[-1] = Shard(last.shard_no, last.lower, None, last.documents, last.bytes)
     return shards
 
 
 def batch_query(where, shard, after):
-    """The next batch of one shard's documents, in key order (keyset paging).
+    """The next batch of one shard's documents, in primary-key order (keyset
+    paging): an index range scan of archive_metadata's primary key.
 
     Only the bounds that apply are written into the statement, so PostgreSQL
     plans an index range scan even for a prepared (generic) plan.
     """
-    conditions = [where, sql.SQL("m.bucket = %(bucket)s"), sql.SQL('m."userId" = %(user_id)s')]
+    conditions = [where]
     if shard.lower is not None:
-        conditions.append(sql.SQL('m."archiveId" > %(lower)s'))
+        conditions.append(sql.SQL("({}) > (%(l0)s, %(l1)s, %(l2)s, %(l3)s)").format(sql.SQL(KEY_SQL)))
     if shard.upper is not None:
-        conditions.append(sql.SQL('m."archiveId" <= %(upper)s'))
+        conditions.append(sql.SQL("({}) <= (%(u0)s, %(u1)s, %(u2)s, %(u3)s)").format(sql.SQL(KEY_SQL)))
     if after is not None:
-        conditions.append(sql.SQL('(m."archiveId", m."documentName") > (%(after_id)s, %(after_name)s)'))
+        conditions.append(sql.SQL("({}) > (%(a0)s, %(a1)s, %(a2)s, %(a3)s)").format(sql.SQL(KEY_SQL)))
     return sql.SQL(
         """SELECT m.bucket, m."archiveId", m."userId", m."documentName", m.content_url,
                   m.is_compressed, m.digest, m.size
            FROM archive_metadata m
            WHERE {}
-           ORDER BY m."archiveId", m."documentName"
+           ORDER BY {}
            LIMIT %(limit)s"""
-    ).format(sql.SQL(" AND ").join(conditions))
+    ).format(sql.SQL(" AND ").join(conditions), sql.SQL(KEY_SQL))
+
+
+def batch_params(shard, after, limit):
+    params = {"limit": limit}
+    for prefix, key in (("l", shard.lower), ("u", shard.upper), ("a", after)):
+        if key is not None:
+            params.update({f"{prefix}{n}": value for n, value in enumerate(key)})
+    return params
+
+
+def shard_rows(conn, where, shard, limit, make=lambda *row: row, trim=None):
+    """The shard's rows still selected by `where`, at most `limit` at a time:
+    each row made by `make(bucket, archiveId, userId, documentName, content_url,
+    is_compressed, digest, size)`; `trim` may keep only a leading part of a
+    batch (the next batch starts after what it kept)."""
+    after = None
+    while True:
+        rows = [make(*row) for row in conn.execute(batch_query(where, shard, after), batch_params(shard, after, limit))]
+        if not rows:
+            return
+        if trim is not None:
+            rows = trim(rows)
+        yield rows
+        last = rows[-1]
+        after = last.key if hasattr(last, "key") else tuple(last[:4])

@@ -108,18 +108,7 @@ class Verifier:
 
     def batches(self, shard):
         """The shard's rows, a batch at a time, in key order (keyset paging)."""
-        after = None
-        while True:
-            params = {"bucket": shard.bucket, "user_id": shard.user_id, "lower": shard.lower,
-                      "upper": shard.upper, "limit": self.batch_size}
-            if after is not None:
-                params["after_id"], params["after_name"] = after
-            conn = self.context.db_connection()
-            rows = [DocRow(*row) for row in conn.execute(plan.batch_query(self.where, shard, after), params)]
-            if not rows:
-                return
-            yield rows
-            after = (rows[-1].archive_id, rows[-1].document_name)
+        return plan.shard_rows(self.context.db_connection(), self.where, shard, self.batch_size, make=DocRow)
 
     def check_batch(self, rows):
         report = BatchReport()
@@ -303,7 +292,7 @@ class Tally:
         elif kind == "failed":
             shard, reason = event[1], event[2]
             self.failed[shard.shard_no] = reason
-            log.error("shard %d (%s/%s) could not be verified: %s", shard.shard_no, shard.user_id, shard.bucket, reason)
+            log.error("shard %d (%s) could not be verified: %s", shard.shard_no, shard.label, reason)
         self.display.update(self.totals())
 
     def add(self, batch):
@@ -340,7 +329,7 @@ def run(options, db_settings):
         driver.check_access(write=False)
         where = location_filter(driver, spec.buckets)
         groups = plan.summarize(conn, where)
-        shards = plan.cut_shards(conn, where, groups)
+        shards = plan.cut_shards(conn, where)
         workers = min(options.workers, len(shards))
         log.info("verifying %d documents at %s (%s) in %d shards, %d workers",
                  sum(g.documents for g in groups), driver.describe(), store.key, len(shards), max(workers, 1))
@@ -363,7 +352,7 @@ def finish(tally, driver, options, seconds):
     checked = tally.good + bad
     for shard in unfinished:
         if shard.shard_no not in tally.failed:
-            log.error("shard %d (%s/%s) was not verified: its worker stopped", shard.shard_no, shard.user_id, shard.bucket)
+            log.error("shard %d (%s) was not verified: its worker stopped", shard.shard_no, shard.label)
     if options.json:
         print_json(result_document(tally, driver, unfinished))
     else:
@@ -398,7 +387,7 @@ def result_document(tally, driver, unfinished):
             for user_id, bucket, archive_id, url, reason in tally.bad_documents
         ],
         "unverified_shards": [
-            {"bucket": shard.bucket, "user_id": shard.user_id, "reason": tally.failed.get(shard.shard_no, "its worker stopped")}
+            {"shard": shard.shard_no, "keys": shard.label, "reason": tally.failed.get(shard.shard_no, "its worker stopped")}
             for shard in unfinished
         ],
         "ok": not tally.bad and not unfinished,

@@ -284,24 +284,7 @@ def land_batch(flight, conn, source, delete_source):
 def shard_batches(conn, where, shard, batch_size, batch_bytes):
     """The shard's documents still at the source, a batch at a time: at most
     `batch_size` documents and, but for a single large one, `batch_bytes`."""
-    after = None
-    while True:
-        query = plan.batch_query(where, shard, after)
-        params = {
-            "bucket": shard.bucket,
-            "user_id": shard.user_id,
-            "lower": shard.lower,
-            "upper": shard.upper,
-            "limit": batch_size,
-        }
-        if after is not None:
-            params["after_id"], params["after_name"] = after
-        rows = [DocRow(*row) for row in conn.execute(query, params)]
-        if not rows:
-            return
-        rows = within_bytes(rows, batch_bytes)
-        yield rows
-        after = (rows[-1].archive_id, rows[-1].document_name)
+    return plan.shard_rows(conn, where, shard, batch_size, make=DocRow, trim=lambda rows: within_bytes(rows, batch_bytes))
 
 
 def within_bytes(rows, limit):
@@ -698,7 +681,7 @@ def give_back_now(context, fence, leases, exc):
             if state == "failed":
                 log.error("shard %d failed after %d attempts", lease.shard_no, MAX_SHARD_ATTEMPTS)
         else:
-            log.error("shard %d (%s/%s) stopped: %s", lease.shard_no, lease.shard.user_id, lease.shard.bucket, reason)
+            log.error("shard %d (%s) stopped: %s", lease.shard_no, lease.shard.label, reason)
             try:
                 ledger.finish_shard(conn, lease, "failed", str(exc)[:1000])
             except LeaseLost as lost:

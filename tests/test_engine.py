@@ -24,33 +24,58 @@ def drivers(dsn, dest_name="db2"):
     return source, dest
 
 
+def documents_of(db, where, shard, limit=7):
+    return [row[:4] for batch in plan.shard_rows(db, where, shard, limit) for row in batch]
+
+
 def test_shards_cover_every_document_once_within_bounds(db):
     big = anchore_sim.make_docs(230, seed=31, users=("admin",), buckets=("analysis_data",))
     small = anchore_sim.make_docs(12, seed=32, users=("acme",), buckets=("manifest_data", "query_data"))
     anchore_sim.store(db, anchore_sim.Location("db"), big + small)
     source, dest = drivers(None)
     where = plan.source_filter(source, dest)
-    groups = plan.summarize(db, where)
-    assert sum(g.documents for g in groups) == len(big) + len(small)
-    shards = plan.cut_shards(db, where, groups, max_documents=40, max_bytes=10**12)
+    shards = plan.cut_shards(db, where, max_documents=40, max_bytes=10**12)
     seen = []
     for shard in shards:
-        docs_in_shard = []
-        after = None
-        while True:
-            params = {"bucket": shard.bucket, "user_id": shard.user_id, "lower": shard.lower, "upper": shard.upper,
-                      "limit": 7}
-            if after:
-                params["after_id"], params["after_name"] = after
-            rows = db.execute(plan.batch_query(where, shard, after), params).fetchall()
-            if not rows:
-                break
-            docs_in_shard += [row[1] for row in rows]
-            after = (rows[-1][1], rows[-1][3])
-        assert len(docs_in_shard) <= 40
-        seen += docs_in_shard
-    assert sorted(seen) == sorted(d.archive_id for d in big + small)  # every document, exactly once
-    assert len([s for s in shards if s.bucket == "analysis_data"]) >= 6
+        in_shard = documents_of(db, where, shard)
+        assert len(in_shard) <= 40 and len(in_shard) == shard.documents
+        seen += in_shard
+    assert sorted(key[1] for key in seen) == sorted(d.archive_id for d in big + small)  # every document, exactly once
+    assert len(seen) == len(set(seen))
+    assert len(shards) == -(-len(big + small) // 40)  # sized by documents, not by bucket or account
+
+
+def test_small_accounts_share_shards(db):
+    """300 accounts of 2 documents: a handful of shards, not 300 (cost per
+    document must not grow with the number of accounts)."""
+    docs = [doc for n in range(300) for doc in anchore_sim.make_docs(2, seed=1000 + n, users=(f"acct{n:03d}",),
+                                                                       buckets=("manifest_data",), large_share=0)]
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    source, dest = drivers(None)
+    where = plan.source_filter(source, dest)
+    shards = plan.cut_shards(db, where, max_documents=100, max_bytes=10**12)
+    assert len(shards) == 6
+    seen = [key for shard in shards for key in documents_of(db, where, shard, limit=50)]
+    assert sorted(seen) == sorted((d.bucket, d.archive_id, d.user_id, d.archive_id + ".json") for d in docs)
+
+
+def test_batches_are_primary_key_range_scans(db):
+    docs = anchore_sim.make_docs(50, seed=35, users=("admin", "acme"))
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    source, dest = drivers(None)
+    where = plan.source_filter(source, dest)
+    shard = plan.cut_shards(db, where, max_documents=10, max_bytes=10**12)[2]
+    after = tuple(next(plan.shard_rows(db, where, shard, 3))[-1][:4])
+    with db.transaction():
+        # a 50-row table: show the plan a large one gets
+        db.execute("SET LOCAL enable_seqscan = off")
+        db.execute("SET LOCAL enable_bitmapscan = off")
+        lines = [row[0] for row in db.execute(
+            plan.sql.SQL("EXPLAIN ") + plan.batch_query(where, shard, after), plan.batch_params(shard, after, 3))]
+    text = "\n".join(lines)
+    assert "Index Scan using archive_metadata_pkey" in text, text
+    assert "Index Cond: ((ROW((bucket)::text, (\"archiveId\")::text, (\"userId\")::text, (\"documentName\")::text) >" in text, text
+    assert "Sort" not in text, text  # read in key order, no sort of the table
 
 
 def test_large_groups_are_also_split_by_bytes(db):
@@ -58,10 +83,13 @@ def test_large_groups_are_also_split_by_bytes(db):
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
     source, dest = drivers(None)
     where = plan.source_filter(source, dest)
-    groups = plan.summarize(db, where)
     total_bytes = sum(len(d.content) for d in docs)
-    shards = plan.cut_shards(db, where, groups, max_documents=10**6, max_bytes=total_bytes // 5)
-    assert len(shards) >= 5
+    limit = total_bytes // 5
+    shards = plan.cut_shards(db, where, max_documents=10**6, max_bytes=limit)
+    assert len(shards) >= 4
+    largest = max(len(d.content) for d in docs)
+    assert all(shard.bytes <= limit + largest for shard in shards)  # a shard ends after the document that crosses its limit
+    assert sum(shard.documents for shard in shards) == len(docs)
 
 
 def test_progress_table_and_workers(db, s3, cli, tmp_path):

@@ -26,6 +26,11 @@ class DocRow:
     size: int | None
 
     @property
+    def key(self):
+        """archive_metadata's primary key of the row, in its column order."""
+        return (self.bucket, self.archive_id, self.user_id, self.document_name)
+
+    @property
     def label(self):
         """How the operator sees this document in messages."""
         return f"{self.user_id}/{self.bucket}/{self.archive_id}"

@@ -7,6 +7,7 @@ import re
 import sys
 
 from anchore_objmig import __version__, logs
+from anchore_objmig.cpus import usable_cpus
 from anchore_objmig.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_TABLE, EXIT_USAGE, ObjmigError, Terminated, UsageError
 
 log = logging.getLogger("anchore_objmig")
@@ -259,7 +260,9 @@ def add_commands(commands, manager_only=False):
         help="a worker that has not confirmed its shard for S seconds stops writing; a silent worker's shard is "
         "taken over after S seconds plus the longest time its S3 writes can take (default 30)",
     )
-    migrate.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N", help="worker processes (default: the number of CPUs)")
+    migrate.add_argument("--workers", type=positive_int, default=usable_cpus(), metavar="N",
+                         help="worker processes (default: the CPUs this process may use, after its affinity and "
+                         "cgroup quota)")
     migrate.add_argument("--io-threads", type=positive_int, default=32, metavar="N", help="network threads per worker (default 32)")
     migrate.add_argument("--batch-size", type=positive_int, default=500, metavar="N", help="documents per batch (default 500)")
     migrate.add_argument("--shard-size", type=positive_int, default=5000, metavar="N", help="at most N documents per shard (default 5000)")
@@ -292,7 +295,9 @@ def add_commands(commands, manager_only=False):
         "--bucket", action="append", type=bucket_name, default=[], metavar="NAME",
         help="only this logical bucket (repeatable; not an S3 bucket)",
     )
-    verify.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N", help="worker processes (default: the number of CPUs)")
+    verify.add_argument("--workers", type=positive_int, default=usable_cpus(), metavar="N",
+                        help="worker processes (default: the CPUs this process may use, after its affinity and "
+                        "cgroup quota)")
     add_progress_option(verify)
     add_metrics_option(verify)
     add_output_and_cleanup(commands, migrate, verify, list_migrations)

@@ -61,6 +61,7 @@ TARGET_CEILING = 0.8  # db -> s3 at least 0.8 x the raw PUT ceiling
 TARGET_SQL = 0.5  # db -> db2 at least 0.5 x the in-database SQL move
 TARGET_BASELINE = 10.0  # at least 10 x the sequential baseline
 TARGET_RSS_MB = 400  # peak RSS of the largest process, with documents up to 50 MB
+TARGET_ACCOUNTS = 1.3  # cost per document with 300 accounts at most 1.3 x with 3
 TARGET_FLAT = 1.2  # cost per document at the large size at most 1.2 x the small size's
 
 
@@ -299,6 +300,8 @@ class Bench:
     # -- the measurements -----------------------------------------------------
     def run(self):
         args = self.args
+        if "h" in args.rows:
+            self.row_h()
         if not set(args.rows) & set("abcdfg"):
             return
         self.log(f"generating {args.docs} documents" + (f" + {args.huge} huge ones" if args.huge else ""))
@@ -414,6 +417,22 @@ class Bench:
             if result.extra.get("tool_reported_seconds"):
                 result.extra["us_per_doc_tool_reported"] = round(
                     result.extra["tool_reported_seconds"] / result.documents * 1e6, 1)
+
+    def row_h(self):
+        """(h): db -> db2 of the same number of small documents spread over 3 and over 300 accounts:
+        shards are sized by documents, so the cost per document must not follow the account count."""
+        args = self.args
+        for accounts in (3, 300):
+            users = tuple(f"account{n:03d}" for n in range(accounts))
+            docset = self.seed_db(seeding.generate(args.accounts_docs, seed=13, users=users))
+            what = f"anchore-objmig db→db2, {args.accounts_docs} documents of {accounts} accounts (workers={args.workers})"
+            self.log(f"h: {what}")
+            run = self.run_tool(what, self.config("db", "db"), self.config("db2", "db2"), args.workers)
+            seeding.verify(self.dsn, self.client, docset, "db2://")
+            self.add(Result("h", what, docset.count, docset.plain_bytes, run["seconds"],
+                            {"accounts": accounts, "us_per_doc": round(run["seconds"] / docset.count * 1e6, 1),
+                             **{k: v for k, v in run.items() if "rss" not in k}}))
+            self.reset()
 
     def profile(self):
         """Profile one db -> s3 run with --workers 1 (the worker loop runs in the main process)."""
@@ -537,6 +556,13 @@ def ratio_rows(results, machine):
                      growth <= TARGET_FLAT if at_target else None))
     else:
         rows.append((name, "not run (--scale)", None))
+    name = f"cost per document with 300 accounts ≤ {TARGET_ACCOUNTS} × with 3"
+    accounts = {r.extra["accounts"]: r for r in by.get("h", [])}
+    if 3 in accounts and 300 in accounts:
+        few, many = accounts[3].extra["us_per_doc"], accounts[300].extra["us_per_doc"]
+        rows.append((name, f"{few:.0f} → {many:.0f} µs/doc = {many / few:.2f} ×", many / few <= TARGET_ACCOUNTS))
+    else:
+        rows.append((name, "not run (row h)", None))
     return rows
 
 
@@ -595,7 +621,9 @@ def parse_args(argv=None):
     parser.add_argument("--put-procs", type=int, default=CPUS, help=f"ceiling uploader processes (default {CPUS})")
     parser.add_argument("--put-threads", type=int, default=16, help="ceiling threads per uploader process (default 16)")
     parser.add_argument("--baseline-seconds", type=float, help="stop the sequential baseline after this long (default 120; 20 with --quick)")
-    parser.add_argument("--rows", default="abcdfg", help="which rows to run (default abcdfg; e is part of a)")
+    parser.add_argument("--rows", default="abcdfgh", help="which rows to run (default abcdfgh; e is part of a)")
+    parser.add_argument("--accounts-docs", type=int, default=20_000,
+                        help="documents of row h, spread over 3 and over 300 accounts (default 20000)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one db→s3 run with --workers 1 (py-spy if installed, else cProfile)")
     parser.add_argument("--profile-docs", type=int, default=2000, help="documents for --profile (default 2000)")

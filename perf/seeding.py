@@ -61,14 +61,14 @@ def md5hex(data):
 # ---------------------------------------------------------------- generating
 
 
-def generate(count, seed=7, huge=0):
-    """Chunks (lists) of anchore_sim.Doc: `count` realistic documents, then `huge` of 5-50 MB."""
+def generate(count, seed=7, huge=0, users=("admin", "acme")):
+    """Chunks (lists) of anchore_sim.Doc: `count` realistic documents of `users`, then `huge` of 5-50 MB."""
     made = 0
     chunk_no = 0
     while made < count:
         size = min(CHUNK, count - made)
         # A different seed per chunk: different archiveIds, same size distribution.
-        yield anchore_sim.make_docs(size, seed=seed * 1000 + chunk_no)
+        yield anchore_sim.make_docs(size, seed=seed * 1000 + chunk_no, users=users)
         made += size
         chunk_no += 1
     if huge:

@@ -167,9 +167,14 @@ class Reconnecting:
         return self._conn
 
     def close(self):
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except psycopg.Error:
-                pass
-            self._conn = None
+        close_quietly(self._conn)
+        self._conn = None
+
+
+def close_quietly(conn):
+    """Close a connection that may already be broken; nothing to report either way."""
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg.Error:
+            pass

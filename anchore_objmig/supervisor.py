@@ -111,7 +111,7 @@ class RunGuard(threading.Thread):
         log.warning("the database session holding the migration lock was lost (%s); reconnecting",
                     db.redacted(db.first_line(exc)))
         self.holding = False
-        self.close_quietly(self.lock_conn)
+        db.close_quietly(self.lock_conn)
         deadline = time.monotonic() + REGAIN_SECONDS
         while time.monotonic() < deadline and not self.ending.is_set():
             try:
@@ -131,11 +131,11 @@ class RunGuard(threading.Thread):
                                 run.lock_host if run else "?", self.task_id)
                     self.watch_conn = conn
                     return
-                self.close_quietly(conn)
+                db.close_quietly(conn)
                 self.fail("another process took the migration lock (a new migration or anchore-manager)")
                 return
             except psycopg.Error:
-                self.close_quietly(conn)
+                db.close_quietly(conn)
                 time.sleep(GUARD_INTERVAL)
         self.fail(f"could not reach the database and take the migration lock again within {REGAIN_SECONDS}s")
 
@@ -148,20 +148,13 @@ class RunGuard(threading.Thread):
         self.ending.set()
         if self.is_alive():
             self.join(timeout=10)
-        self.close_quietly(self.lock_conn)
+        db.close_quietly(self.lock_conn)
         self.close_watch()
 
     def close_watch(self):
-        self.close_quietly(self.watch_conn)
+        db.close_quietly(self.watch_conn)
         self.watch_conn = None
 
-    @staticmethod
-    def close_quietly(conn):
-        if conn is not None:
-            try:
-                conn.close()
-            except psycopg.Error:
-                pass
 
 
 def run_workers(spec, count, log_settings, on_batch=None, stop=None, names=None):

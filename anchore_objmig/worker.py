@@ -477,12 +477,8 @@ class Heartbeat(threading.Thread):
         self.close()
 
     def close(self):
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except psycopg.Error:
-                pass
-            self.conn = None
+        db.close_quietly(self.conn)
+        self.conn = None
 
 
 class Pipeline:

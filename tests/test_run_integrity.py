@@ -87,6 +87,17 @@ def migrate_args(source, dest, *extra):
             "--progress", "none", *LEASE, *extra]
 
 
+def frozen_main_run(cli, db, s3, tmp_path, count, *extra):
+    """Seeded documents, and a run planned and frozen right after (holding the
+    lock, nothing moved): the stage for joiners. (docs, bucket, source, dest, main)."""
+    docs = seed(db, count)
+    bucket = s3.new_bucket()
+    source, dest = configs(tmp_path, s3, bucket)
+    main = Tool(cli.dsn, migrate_args(source, dest, *extra), {"OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
+    main.wait_stopped()
+    return docs, bucket, source, dest, main
+
+
 def lock_held(dsn):
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute("""SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 2
@@ -94,12 +105,8 @@ def lock_held(dsn):
 
 
 def test_joiner_with_another_s3_endpoint_is_refused(db, s3, cli, tmp_path):
-    docs = seed(db, 40)
-    bucket = s3.new_bucket()
-    source, dest = configs(tmp_path, s3, bucket)
-    main = Tool(cli.dsn, migrate_args(source, dest), {"OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
+    docs, bucket, source, dest, main = frozen_main_run(cli, db, s3, tmp_path, 40)
     try:
-        main.wait_stopped()
         with FaultProxy(s3.endpoint) as proxy:  # the same bucket, reached at another address
             _, other = configs(tmp_path, s3, bucket, proxy=proxy)
             joined = cli(*migrate_args(source, other, "--join"))
@@ -115,13 +122,9 @@ def test_joiner_with_another_s3_endpoint_is_refused(db, s3, cli, tmp_path):
 
 
 def test_joiner_takes_the_runs_settings_not_its_own(db, s3, cli, tmp_path):
-    docs = seed(db, 60)
-    bucket = s3.new_bucket()
-    source, dest = configs(tmp_path, s3, bucket, compress=False)
     # The run keeps source copies and does not compress; the joiner's config compresses and it deletes.
-    main = Tool(cli.dsn, migrate_args(source, dest, "--nodelete"), {"OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
+    docs, bucket, source, dest, main = frozen_main_run(cli, db, s3, tmp_path, 60, "--nodelete")
     try:
-        main.wait_stopped()
         _, compressing = configs(tmp_path, s3, bucket, compress=True)
         joined = cli(*migrate_args(source, compressing, "--join"))
         assert joined.returncode == 0, joined.stderr
@@ -138,11 +141,7 @@ def test_joiner_takes_the_runs_settings_not_its_own(db, s3, cli, tmp_path):
 
 
 def test_frozen_joiner_is_fenced_after_takeover_and_a_migration_back(db, s3, cli, tmp_path):
-    docs = seed(db, 60)
-    bucket = s3.new_bucket()
-    source, dest = configs(tmp_path, s3, bucket)
-    main = Tool(cli.dsn, migrate_args(source, dest), {"OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
-    main.wait_stopped()
+    docs, bucket, source, dest, main = frozen_main_run(cli, db, s3, tmp_path, 60)
     # The joiner writes its first batch, then freezes before committing it.
     joiner = Tool(cli.dsn, migrate_args(source, dest, "--join"), {"OBJMIG_FREEZE_AT": "after-write:1"}, tmp_path, "joiner")
     try:
@@ -168,11 +167,7 @@ def test_frozen_joiner_is_fenced_after_takeover_and_a_migration_back(db, s3, cli
 
 
 def test_joiner_frozen_inside_its_commit_transaction_cannot_stall_the_run(db, s3, cli, tmp_path):
-    docs = seed(db, 60)
-    bucket = s3.new_bucket()
-    source, dest = configs(tmp_path, s3, bucket)
-    main = Tool(cli.dsn, migrate_args(source, dest), {"OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
-    main.wait_stopped()
+    docs, bucket, source, dest, main = frozen_main_run(cli, db, s3, tmp_path, 60)
     # Frozen "idle in transaction" right after its metadata UPDATE, holding those rows.
     joiner = Tool(cli.dsn, migrate_args(source, dest, "--join"), {"OBJMIG_FREEZE_AT": "before-commit:1"}, tmp_path, "joiner")
     try:
@@ -296,11 +291,12 @@ def test_joiner_finishes_the_run_when_the_main_host_dies(db, s3, cli, tmp_path):
     docs = seed(db, 200)
     bucket = s3.new_bucket()
     with FaultProxy(s3.endpoint) as proxy:
-        proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
+        # Slow uploads through few threads: the main host is still busy when the joiner claims its shard.
+        proxy.add(Rule("delay", method="PUT", delay=0.2, times=None))
         source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
-        main = Tool(cli.dsn, migrate_args(source, dest), None, tmp_path, "main")
+        main = Tool(cli.dsn, migrate_args(source, dest, "--io-threads", "2"), None, tmp_path, "main")
         wait_for(lambda: len(s3.keys(bucket)) >= 5, 120, "the main host to start")
-        joiner = Tool(cli.dsn, migrate_args(source, dest, "--join"), None, tmp_path, "joiner")
+        joiner = Tool(cli.dsn, migrate_args(source, dest, "--join", "--io-threads", "8"), None, tmp_path, "joiner")
         wait_for(lambda: db.execute("SELECT count(*) FROM objmig_shards WHERE host IS NOT NULL AND worker LIKE %s",
                                     (f"%:{joiner.pid}:%",)).fetchone()[0] > 0, 120, "the joiner to claim a shard")
         os.killpg(main.pid, signal.SIGKILL)  # the host that started the run dies

@@ -114,6 +114,33 @@ def test_s3_ca_bundle_and_verify(db, s3, cli, tmp_path):
     assert_all_readable(db, s3.client, docs)
 
 
+def test_s3_document_transport_checks_certificates(s3, tmp_path):
+    """The per-document transport (awscrt) honours ca_bundle and verify on its
+    own, not only the boto3 bucket checks that run before it."""
+    from anchore_objmig import codec
+    from anchore_objmig.drivers import s3_crt
+    from anchore_objmig.drivers.s3 import truthy
+
+    ca, cert, key = make_certs(tmp_path)
+    bucket = s3.new_bucket()
+    body = b"tls check"
+    with FaultProxy(s3.endpoint, tls=(cert, key)) as proxy:
+        base = {**s3.driver_config(bucket, max_attempts=1), "url": proxy.endpoint}
+        untrusted = s3_crt.Transport(base, truthy)
+        try:
+            untrusted.put(bucket, "a", body, codec.md5_of(body).digest(), "binary/octet-stream")
+            raise AssertionError("an untrusted certificate was accepted")
+        except s3_crt.HotPathError as exc:
+            assert "TLS" in str(exc) or "CERT" in str(exc).upper(), exc
+        s3_crt.Transport({**base, "verify": False}, truthy).put(bucket, "b", body, codec.md5_of(body).digest(),
+                                                                 "binary/octet-stream")
+        trusted = s3_crt.Transport({**base, "ca_bundle": ca}, truthy)
+        trusted.put(bucket, "c", body, codec.md5_of(body).digest(), "binary/octet-stream")
+        assert trusted.get(bucket, "c") == (body, True)
+        before = proxy.requests
+    assert before >= 3 and s3.keys(bucket) == ["b", "c"]
+
+
 HOSTILE_USERS = ("o'brien", 'a "quoted" user', "ünïcødé 用户", "semi;colon")
 HOSTILE_BUCKETS = ("my bucket's data", "x'); DROP TABLE archive_metadata; --", "politique_évaluations")
 

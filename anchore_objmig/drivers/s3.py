@@ -114,7 +114,11 @@ class S3Driver(Driver):
         """awscrt, for every per-document request."""
         with TRANSPORT_LOCK:
             if self._fast is None:
-                self._fast = s3_crt.Transport(self.store.driver_config, truthy)
+                try:
+                    self._fast = s3_crt.Transport(self.store.driver_config, truthy)
+                except (s3_crt.AwsCrtError, OSError) as exc:  # e.g. a ca_bundle that is missing or no CA file
+                    detail = f"{exc.name}: {exc.message}" if isinstance(exc, s3_crt.AwsCrtError) else str(exc)
+                    raise ConnectError(f"cannot set up the S3 client{self.where()}: {detail}") from None
         return self._fast
 
     @property

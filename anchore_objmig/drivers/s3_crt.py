@@ -217,7 +217,7 @@ class Transport:
 
 # Connection-level failures while a body was on its way: read again.
 CUT_OFF = {"AWS_ERROR_HTTP_CONNECTION_CLOSED", "AWS_IO_SOCKET_CLOSED", "AWS_ERROR_S3_INVALID_CONTENT_LENGTH_HEADER",
-           "AWS_ERROR_HTTP_PROTOCOL_ERROR", "AWS_IO_SOCKET_TIMEOUT", "ReadTimeout"}
+           "AWS_ERROR_HTTP_PROTOCOL_ERROR", "AWS_IO_SOCKET_TIMEOUT"}
 
 
 def wait_quietly(pending):

@@ -40,5 +40,5 @@ def configure(level="INFO", fmt="text"):
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "awscrt"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

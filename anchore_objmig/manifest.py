@@ -26,7 +26,7 @@ def s3_timing(store):
 def write_grace_seconds(stores):
     """The longest time a write or delete sent under a valid lease can still
     land: every attempt waiting out both timeouts, plus the backoff between
-    attempts (botocore and urllib3 back off at most 20 s per retry)."""
+    attempts (botocore and awscrt back off at most 20 s per retry)."""
     grace = 0.0
     for store in stores:
         if store.driver_name != "s3":

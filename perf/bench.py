@@ -4,7 +4,7 @@ One run starts its own PostgreSQL and SeaweedFS on 127.0.0.1, seeds
 Anchore-like documents, and measures (see perf/README.md for why each):
 
   a   this tool, db -> s3 and s3 -> db (the real CLI, a subprocess)
-  b   the raw PUT ceiling: the same bytes PUT by plain parallel uploaders (minio, boto3)
+  b   the raw PUT ceiling: the same bytes PUT by plain parallel uploaders (awscrt, minio, boto3)
   c   a sequential per-document baseline (the original anchore-manager algorithm)
   d   this tool db -> db2 against the same move done by SQL inside PostgreSQL
   e   peak RSS of the tool's largest process during (a) db -> s3
@@ -346,7 +346,7 @@ class Bench:
             data, _ = seeding.stored_form(doc.content, args.compress)
             items.append((f"{doc.user_id}/{doc.bucket}/{doc.archive_id}", data))
         plain = sum(len(d.content) for d in self.docs)
-        for kind in ("minio", "boto3"):
+        for kind in ("awscrt", "minio", "boto3"):
             bucket = self.new_bucket()
             what = f"raw PUT ceiling, {kind} ({args.put_procs} proc × {args.put_threads} threads)"
             self.log(f"b: {what}")

@@ -15,8 +15,10 @@ import multiprocessing
 import resource
 import threading
 import time
+from urllib.parse import quote
 
-# fork, not spawn: the children inherit ITEMS without copying or pickling.
+# fork, not spawn: the children inherit ITEMS without copying or pickling (each
+# makes its own client after the fork, so awscrt's threads start in the child).
 _fork = multiprocessing.get_context("fork")
 ITEMS = []  # [(key, bytes)], set by put_ceiling before the processes start
 SINGLE_PUT_LIMIT = 64 * 1024 * 1024  # minio: objects up to this go up in one PUT (fastest locally)
@@ -61,7 +63,32 @@ def boto3_client(endpoint, access_key, secret_key, threads):
     return put
 
 
-CLIENTS = {"minio": minio_client, "boto3": boto3_client}
+def awscrt_client(endpoint, access_key, secret_key, threads):
+    """AWS's C runtime client: one PUT per object with Content-MD5 (as the tool
+    sends), signed and sent in C; each thread waits on its own request."""
+    import base64
+    import hashlib
+
+    from awscrt import auth, http, s3
+
+    host = endpoint.split("://", 1)[1]
+    provider = auth.AwsCredentialsProvider.new_static(access_key, secret_key)
+    client = s3.S3Client(region="us-east-1", tls_mode=s3.S3RequestTlsMode.DISABLED,
+                         signing_config=s3.create_default_s3_signing_config(region="us-east-1",
+                                                                            credential_provider=provider))
+
+    def put(bucket, key, data):
+        md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+        headers = http.HttpHeaders([("Host", host), ("Content-Length", str(len(data))), ("Content-MD5", md5),
+                                    ("Content-Type", "binary/octet-stream")])
+        request = http.HttpRequest("PUT", f"/{bucket}/{quote(key, safe='/~')}", headers, io.BytesIO(data))
+        client.make_request(type=s3.S3RequestType.DEFAULT, request=request,
+                            operation_name="PutObject").finished_future.result(120)
+
+    return put
+
+
+CLIENTS = {"minio": minio_client, "boto3": boto3_client, "awscrt": awscrt_client}
 
 
 def uploader(kind, endpoint, access_key, secret_key, bucket, threads, counter, ready, go, results):

@@ -30,6 +30,7 @@ ERROR_BODY = (
 @dataclass
 class Rule:
     action: str  # "503" | "500" | "reset" | "delay" | "corrupt" (flip a byte of the body)
+    #              | "droppart" (a CompleteMultipartUpload that lists all but its last part)
     #              | "short200" | "cutoff" | "resetbody" (spoil the answer's body, see the module doc)
     method: str | None = None  # e.g. "PUT"; None: any
     path: str | None = None  # regex searched in the request path (with query)
@@ -81,6 +82,10 @@ class FaultProxy:
                     time.sleep(rule.delay)
                 if rule and rule.action == "corrupt" and body:
                     body = bytes([body[0] ^ 0xFF]) + body[1:]  # a bit flip in transit
+                if rule and rule.action == "droppart":
+                    # blanked out, so the (signed) Content-Length still holds
+                    body = re.sub(rb"<Part>(?:(?!<Part>).)*</Part>(?=</CompleteMultipartUpload>)",
+                                  lambda m: b" " * len(m.group(0)), body, flags=re.S)
                 self.forward(body, rule.action if rule else None)
 
             def forward(self, body, spoil=None):

@@ -173,6 +173,42 @@ def test_bytes_corrupted_in_transit_are_refused_and_kept_at_source(db, s3, cli, 
     assert_all_readable(db, s3.client, docs)
 
 
+def big_doc_through(db, s3, cli, tmp_path, rule):
+    """Move 5 small documents and one of 11 MiB (3 parts of 5 MiB) db -> s3 through a proxy with `rule`."""
+    big = anchore_sim.Doc("admin", "analysis_data", "sha256:" + "c" * 64, random.Random(3).randbytes(11 * 1024 * 1024))
+    docs = [*anchore_sim.make_docs(5, seed=28), big]
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(rule)
+        source = write_config(tmp_path / "a.yaml", section("db"))
+        dest = write_config(tmp_path / "b.yaml", section("s3", through_proxy(s3, proxy, bucket, max_attempts=2)))
+        result = cli("migrate", source, dest, "--dontask", "--workers", "1", "--multipart-threshold", "5MiB")
+    assert rule.fired >= 1 and result.returncode == 1
+    named = [line for line in result.stderr.splitlines() if "FAILED" in line]
+    assert len(named) == 1 and big.archive_id in named[0], result.stderr
+    row = db.execute('SELECT content_url FROM archive_metadata WHERE "archiveId" = %s', (big.archive_id,)).fetchone()
+    assert row[0].startswith("db://")
+    assert s3.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert_all_readable(db, s3.client, docs)
+    return named[0], bucket, big
+
+
+def test_a_part_corrupted_in_transit_is_refused_and_the_upload_aborted(db, s3, cli, tmp_path):
+    named, bucket, big = big_doc_through(db, s3, cli, tmp_path, Rule("corrupt", method="PUT", path=r"partNumber=2(&|$)",
+                                                                      times=None))
+    assert "BadDigest" in named
+    assert big.archive_id.split(":")[1] not in " ".join(s3.keys(bucket))  # never completed
+
+
+def test_a_finished_upload_that_is_not_its_parts_is_refused(db, s3, cli, tmp_path):
+    """The server assembles what CompleteMultipartUpload lists; here it lists a
+    part too few, so the object is short: its ETag gives it away and the
+    document stays at the source."""
+    named, _, _ = big_doc_through(db, s3, cli, tmp_path, Rule("droppart", method="POST", path=r"uploadId=", times=None))
+    assert "ETag" in named and "-3" in named
+
+
 def test_every_object_request_stays_under_the_prefix(db, s3, cli, tmp_path):
     """A prefix-scoped IAM policy is enough: the start-up probe and the check
     document go under the configured prefix, never at the bucket root."""

@@ -114,6 +114,54 @@ def test_s3_ca_bundle_and_verify(db, s3, cli, tmp_path):
     assert_all_readable(db, s3.client, docs)
 
 
+def test_s3_document_transport_checks_certificates(s3, tmp_path):
+    """The per-document transport (awscrt) honours ca_bundle and verify on its
+    own, not only the boto3 bucket checks that run before it."""
+    from anchore_objmig import codec
+    from anchore_objmig.drivers import s3_crt
+    from anchore_objmig.drivers.s3 import truthy
+
+    ca, cert, key = make_certs(tmp_path)
+    bucket = s3.new_bucket()
+    body = b"tls check"
+    with FaultProxy(s3.endpoint, tls=(cert, key)) as proxy:
+        base = {**s3.driver_config(bucket, max_attempts=1), "url": proxy.endpoint}
+        untrusted = s3_crt.Transport(base, truthy)
+        try:
+            untrusted.put(bucket, "a", body, codec.md5_of(body).digest(), "binary/octet-stream")
+            raise AssertionError("an untrusted certificate was accepted")
+        except s3_crt.HotPathError as exc:
+            assert "TLS" in str(exc) or "CERT" in str(exc).upper(), exc
+        s3_crt.Transport({**base, "verify": False}, truthy).put(bucket, "b", body, codec.md5_of(body).digest(),
+                                                                 "binary/octet-stream")
+        trusted = s3_crt.Transport({**base, "ca_bundle": ca}, truthy)
+        trusted.put(bucket, "c", body, codec.md5_of(body).digest(), "binary/octet-stream")
+        assert trusted.get(bucket, "c") == (body, True)
+        before = proxy.requests
+    assert before >= 3 and s3.keys(bucket) == ["b", "c"]
+
+
+def test_iamauto_takes_the_standard_aws_credential_chain(db, s3, cli, tmp_path):
+    """iamauto: no keys in the config; the bucket checks (boto3) and every
+    document request of the workers (awscrt) sign with what the AWS chain finds."""
+    docs = anchore_sim.make_docs(12, seed=31)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = s3.new_bucket()
+    chain = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+             "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/nonexistent",
+             "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("s3", {"iamauto": True, "url": s3.endpoint, "bucket": bucket}))
+    result = cli("migrate", source, dest, "--dontask", "--workers", "2", env=chain)
+    assert result.returncode == 0, result.stderr
+    assert all(url.startswith("s3://") for url in urls(db)) and len(s3.keys(bucket)) == len(docs)
+    back = cli("migrate", dest, source, "--dontask", env=chain)  # GETs and DeleteObjects
+    assert back.returncode == 0, back.stderr
+    assert all(url.startswith("db://") for url in urls(db)) and s3.keys(bucket) == []
+    assert_all_readable(db, s3.client, docs)
+    assert s3.access_key not in result.stderr + back.stderr and s3.secret_key not in result.stderr + back.stderr
+
+
 HOSTILE_USERS = ("o'brien", 'a "quoted" user', "ünïcødé 用户", "semi;colon")
 HOSTILE_BUCKETS = ("my bucket's data", "x'); DROP TABLE archive_metadata; --", "politique_évaluations")
 

@@ -2,7 +2,12 @@
 
 Every PUT, every multipart part and every DeleteObjects carries Content-MD5,
 so the server itself checks that the bytes it stored are the bytes we sent:
-that check is what lets a migration delete the source copy afterwards.
+that check is what lets a migration delete the source copy afterwards. A
+finished multipart upload's ETag is also compared with the one its parts make.
+
+Per-document requests go through awscrt (s3_crt.py); the rare ones (bucket
+checks, listing incomplete uploads of interrupted runs) through boto3, whose
+start-up cost only the parent pays.
 """
 
 import logging
@@ -16,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import botocore.exceptions
 
 from anchore_objmig import codec
-from anchore_objmig.drivers import s3_hotpath
+from anchore_objmig.drivers import s3_crt
 from anchore_objmig.drivers.base import Driver, NotFound
 from anchore_objmig.errors import ConnectError, ObjmigError, StorageError, UsageError
 from anchore_objmig.faults import crash_point
@@ -29,6 +34,7 @@ MIN_PART_SIZE = 5 * 1024 * 1024  # S3's smallest multipart part (but the last)
 PART_THREADS = 4  # parts of large documents in flight at once, per process
 PART_POOL_LOCK = threading.Lock()
 CLIENT_LOCK = threading.Lock()
+TRANSPORT_LOCK = threading.Lock()
 PROBE_DIR = ".anchore-objmig-probe/"
 AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken", "ExpiredToken"}
 MISSING_BUCKET = {"NoSuchBucket", "404", "NotFound"}
@@ -95,7 +101,7 @@ class S3Driver(Driver):
         self.endpoint = config.get("url") or None
         self.part_size = max(context.multipart_threshold, MIN_PART_SIZE)
         self._client = None  # boto3, made on first use: workers rarely need it
-        self.fast = s3_hotpath.make_minio(config, context.io_threads, truthy)
+        self._fast = None  # awscrt, made on first use (in the process that uses it)
         self.pool = None
         self.part_pool = None
 
@@ -104,8 +110,20 @@ class S3Driver(Driver):
         return f"s3://{self.bucket}/{self.prefix}"
 
     @property
+    def fast(self):
+        """awscrt, for every per-document request."""
+        with TRANSPORT_LOCK:
+            if self._fast is None:
+                try:
+                    self._fast = s3_crt.Transport(self.store.driver_config, truthy)
+                except (s3_crt.AwsCrtError, OSError) as exc:  # e.g. a ca_bundle that is missing or no CA file
+                    detail = f"{exc.name}: {exc.message}" if isinstance(exc, s3_crt.AwsCrtError) else str(exc)
+                    raise ConnectError(f"cannot set up the S3 client{self.where()}: {detail}") from None
+        return self._fast
+
+    @property
     def client(self):
-        """boto3, for bucket checks and multipart uploads."""
+        """boto3, for bucket checks and listing incomplete multipart uploads."""
         with CLIENT_LOCK:
             if self._client is None:
                 self._client = make_client(self.store.driver_config, self.context.io_threads)
@@ -175,15 +193,14 @@ class S3Driver(Driver):
         root, so prefix-scoped IAM policies work)."""
         key = f"{self.prefix}{PROBE_DIR}{uuid.uuid4().hex}"
         body = b"anchore-objmig write probe"
+        # Through the transport the documents will take, so its TLS and credentials are checked too.
         try:
-            self.put(key, body, codec.md5_of(body).digest())
-            self.client.delete_object(Bucket=self.bucket, Key=key)
-        except botocore.exceptions.ClientError as exc:
-            code = error_code(exc)
-            kind = ConnectError if code in AUTH_ERRORS else ObjmigError
-            raise kind(f"cannot write to s3://{self.bucket}/{self.prefix}{self.where()}: {describe_error(exc)}") from None
-        except botocore.exceptions.BotoCoreError as exc:
-            raise ConnectError(f"cannot reach S3{self.where()}: {describe_error(exc)}") from None
+            self.fast.put(self.bucket, key, body, codec.md5_of(body).digest(), CONTENT_TYPE)
+            self.fast.delete_one(self.bucket, key)
+        except s3_crt.HotPathError as exc:
+            kind = ConnectError if exc.code in AUTH_ERRORS or exc.code.startswith("AWS_") else ObjmigError
+            what = "reach S3" if exc.code.startswith("AWS_") else f"write to s3://{self.bucket}/{self.prefix}"
+            raise kind(f"cannot {what}{self.where()}: {exc}") from None
 
     # -- bulk operations ---------------------------------------------------
     def read_many(self, urls):
@@ -199,8 +216,8 @@ class S3Driver(Driver):
         for attempt in range(1, attempts + 1):
             try:
                 bucket, key = split_s3_url(url)
-                found = s3_hotpath.get(self.fast, bucket, key)
-            except s3_hotpath.HotPathError as exc:
+                found = self.fast.get(bucket, key)
+            except s3_crt.HotPathError as exc:
                 if exc.retryable and attempt < attempts:
                     log.warning("reading %s again (attempt %d of %d): %s", url, attempt + 1, attempts, exc)
                     time.sleep(min(0.25 * 2 ** attempt, 4) * random.uniform(0.5, 1.0))
@@ -232,30 +249,21 @@ class S3Driver(Driver):
             if len(item.stored.data) > self.part_size:
                 self.put_multipart(bucket, key, item.stored.data)
             else:
-                s3_hotpath.put(self.fast, bucket, key, item.stored.data, item.stored.md5, CONTENT_TYPE)
+                self.fast.put(bucket, key, item.stored.data, item.stored.md5, CONTENT_TYPE)
             crash_point("s3-put")
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, StorageError,
-                s3_hotpath.HotPathError) as exc:
+        except (StorageError, s3_crt.HotPathError) as exc:
             return StorageError(f"cannot write {item.url}: {describe_error(exc)}")
         return None
 
-    def put(self, key, data, md5, bucket=None):
-        self.client.put_object(
-            Bucket=bucket or self.bucket,
-            Key=key,
-            Body=data,
-            ContentMD5=codec.content_md5_header(md5),
-            ContentType=CONTENT_TYPE,
-        )
-
     def put_multipart(self, bucket, key, data):
-        """Multipart upload with Content-MD5 on every part.
+        """Multipart upload with Content-MD5 on every part, and the finished
+        object's ETag checked against the part MD5s.
 
-        s3transfer's managed upload cannot attach Content-MD5 to parts, so the
-        server could not check them; the parts are sent here directly.
+        Parts are sent here one by one (not by awscrt's own splitter) so a
+        failed part stops its siblings and the fence is checked right before
+        the upload is completed.
         """
-        upload = self.client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=CONTENT_TYPE)
-        upload_id = upload["UploadId"]
+        upload_id = self.fast.create_multipart(bucket, key, CONTENT_TYPE)
         view = memoryview(data)
         stop = threading.Event()  # one part failed: the parts not yet sent are not sent
 
@@ -264,19 +272,13 @@ class S3Driver(Driver):
                 raise StorageError(f"part {number} of {key} not sent: another part failed")
             chunk = view[start:start + self.part_size]
             try:
-                answer = self.client.upload_part(
-                    Bucket=bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=bytes(chunk),
-                    ContentMD5=codec.content_md5_header(codec.md5_of(chunk).digest()),
-                )
+                md5 = codec.md5_of(chunk).digest()
+                etag = self.fast.upload_part(bucket, key, upload_id, number, chunk, md5)
             except BaseException:
                 stop.set()  # before this thread takes the next part off the queue
                 raise
             crash_point("s3-part")
-            return {"ETag": answer["ETag"], "PartNumber": number}
+            return md5, etag
 
         futures = []
         try:
@@ -289,21 +291,25 @@ class S3Driver(Driver):
             failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception()), None)
             if failed is not None:
                 raise failed.exception()
-            parts = [future.result() for future in futures]
+            md5s, etags = zip(*(future.result() for future in futures))
             self.context.check_fence()  # completing is what makes the object visible
-            self.client.complete_multipart_upload(
-                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-            )
+            etag, encrypted = self.fast.complete_multipart(bucket, key, upload_id, etags)
         except BaseException:
             stop.set()
             for future in futures:
                 future.cancel()
             wait_all(futures)  # parts in the air land (or fail) before the abort, which then frees them all
             try:
-                self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+                self.fast.abort_multipart(bucket, key, upload_id)
             except Exception:  # the original error is the one worth reporting
                 log.warning("could not abort the multipart upload of s3://%s/%s; the next run aborts it", bucket, key)
             raise
+        expected = f"{codec.md5_of(b''.join(md5s)).hexdigest()}-{len(md5s)}"
+        if not encrypted and etag.strip('"').lower() != expected:
+            # Each part was checked by its Content-MD5; this proves the server
+            # assembled those parts, in order, into the object it now serves.
+            raise StorageError(f"s3://{bucket}/{key}: the finished upload's ETag {etag} is not {expected}, "
+                               "the one its parts make")
 
     def abort_stale_uploads(self, conn):
         """Abort incomplete multipart uploads (left by killed runs) of the keys
@@ -369,8 +375,8 @@ class S3Driver(Driver):
     def delete_chunk(self, bucket, pairs):
         url_of = {key: url for key, url in pairs}
         try:
-            errors = s3_hotpath.delete(self.fast, bucket, [key for key, _ in pairs])
-        except s3_hotpath.HotPathError as exc:
+            errors = self.fast.delete(bucket, [key for key, _ in pairs])
+        except s3_crt.HotPathError as exc:
             error = StorageError(f"DeleteObjects in s3://{bucket} failed: {exc}")
             return {url: error for _, url in pairs}
         return {url_of.get(key, key): StorageError(f"cannot delete s3://{bucket}/{key}: {reason}")

@@ -31,7 +31,9 @@ def test_a_failed_part_stops_its_siblings_and_the_upload_is_aborted(db, s3, cli,
     named = [line for line in result.stderr.splitlines() if "FAILED" in line]
     assert len(named) == 1 and big.archive_id in named[0] and "InternalError" in named[0]
     assert "still at the source and readable" in result.stderr  # true: the read worked, the write did not
-    assert len(parts) <= 4 < 8  # 8 parts of 5 MiB: those not yet started when part 1 failed were never sent
+    # 8 parts of 5 MiB, 4 at a time: the parts not yet started when part 1's
+    # failure came back were never sent (how many had started depends on load)
+    assert len(parts) < 8, parts
     assert len(aborts) == 1
     assert incomplete(s3, bucket) == []
     assert_all_readable(db, s3.client, [big, *small])

@@ -34,6 +34,9 @@ KEEPALIVES = {"keepalives": 1, "keepalives_idle": 15, "keepalives_interval": 5, 
 SERVER_KEEPALIVES = "-c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
 # Greedy to the last "@" of the word: an unencoded "@" in a password must not
 # leave its tail in the output.
+KEYWORD_STRING = re.compile(r"\s*(\w+\s*=\s*('(?:[^'\\]|\\.)*'|[^\s']*)\s*)+")
+BAD_OPTION = re.compile(r"invalid (connection option|\w+ value)|invalid integer value")
+QUOTED = re.compile(r'"[^"]*"')  # libpq quotes the text it could not parse: it may hold a password
 URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)(\S*)(@)")
 KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
 
@@ -64,6 +67,9 @@ def to_conninfo(db_connect):
     if not db_connect:
         raise UsageError(f"no database given: pass --db-connect URL or set {ENV_DB_CONNECT}")
     if "://" not in db_connect:
+        if not KEYWORD_STRING.fullmatch(db_connect):  # e.g. user:password@host with the scheme forgotten
+            raise UsageError("--db-connect: expected a postgresql:// URL or a libpq keyword string "
+                             "(host=... dbname=...); the value given is neither (not shown: it may hold a password)")
         return db_connect  # a libpq keyword string: host=... dbname=...
     scheme, rest = db_connect.split("://", 1)
     dialect = scheme.split("+", 1)[0].lower()
@@ -107,14 +113,21 @@ def connect(settings, autocommit=False, role="main"):
         try:
             return psycopg.connect(settings.conninfo, autocommit=autocommit, **kwargs)
         except psycopg.ProgrammingError as exc:  # a malformed conninfo: retrying cannot help
-            raise UsageError(f"--db-connect: {redacted(first_line(exc))}") from None
+            raise UsageError(f"--db-connect: {unquoted(redacted(first_line(exc)))}") from None
         except psycopg.OperationalError as exc:
             problem = redacted(first_line(exc))
+            if BAD_OPTION.search(problem):  # a wrong option value is a configuration mistake, not an outage
+                raise UsageError(f"--db-connect: {unquoted(problem)}") from None
             if attempt == settings.retries or "password authentication failed" in problem:
                 raise ConnectError(f"cannot connect to the database {settings.display}: {problem}") from None
             log.warning("database not reachable (%s); retrying in %.1fs", problem, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10)
+
+
+def unquoted(text):
+    """libpq's message with the text it quotes (part of the connection string) left out."""
+    return QUOTED.sub('"…"', text)
 
 
 def first_line(exc):

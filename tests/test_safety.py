@@ -370,6 +370,7 @@ def test_no_secret_through_any_error_path(db, s3, cli, tmp_path):
         section("s3", {**s3_config, "prefix": {"nested": secret}}),
         section("localfs", {"archive_data_dir": secret}),
         section(secret + "-driver/with/slashes"),
+        section(secret[:20].upper()),  # shaped like an AWS access key ID, typed into storage_driver.name
         {**section("db2"), "compression": {"enabled": secret}},
         {**section("db2"), "compression": {"enabled": True, "min_size_kbytes": secret}},
     ]
@@ -382,7 +383,7 @@ def test_no_secret_through_any_error_path(db, s3, cli, tmp_path):
     for result in runs:
         output = result.stdout + result.stderr
         assert result.returncode in (2, 3), (result.args, result.stderr)
-        assert secret not in output, (result.args, output)
+        assert secret not in output and secret[:20].upper() not in output, (result.args, output)
         assert "Traceback" not in output
     assert "unrecognized arguments: --db-connect <value> (--db-connect is a global option" in runs[0].stderr
 
@@ -435,3 +436,16 @@ def test_anchore_manager_runbook_with_only_the_program_name_changed(db, s3, cli,
     assert all(url.startswith(f"s3://{final_bucket}/") for url in urls(db))
     # anchore-manager's objectstorage has no verify: not accepted there
     assert cli(*manager, "verify", final, db=False).returncode == 2
+
+
+def test_db_connect_mistakes_are_usage_errors_that_show_no_password(cli):
+    secret = "S3cretPw-7d1f"
+    forgot_scheme = cli("--db-connect", f"admin:{secret}@127.0.0.1:5432/anchore", "list-migrations", db=False)
+    assert forgot_scheme.returncode == 2, forgot_scheme.stderr
+    assert secret not in forgot_scheme.stdout + forgot_scheme.stderr
+    assert "postgresql:// URL or a libpq keyword string" in forgot_scheme.stderr
+    separator = "&" if "?" in cli.dsn else "?"
+    bad_option = cli("--db-connect", f"{cli.dsn}{separator}sslmode=bogus", "list-migrations", db=False)
+    assert bad_option.returncode == 2, bad_option.stderr  # a configuration mistake, not "unreachable" (3)
+    assert "sslmode" in bad_option.stderr and "retrying" not in bad_option.stderr
+    assert cli.dsn.split("@")[0].rsplit(":", 1)[1] not in bad_option.stderr  # the test database's password

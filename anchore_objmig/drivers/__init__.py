@@ -1,6 +1,6 @@
 """The storage drivers, by the name a config's storage_driver.name gives them."""
 
-import re
+import difflib
 from dataclasses import dataclass, field
 
 from anchore_objmig.drivers.base import DocRow, Driver, NotFound, WriteItem
@@ -55,8 +55,10 @@ def driver_class(store):
         raise ConfigError(store.path, f"{store.key}.storage_driver.name", UNSUPPORTED[name])
     if name not in DRIVERS:
         known = ", ".join(sorted(DRIVERS))
-        # Echo the name only when it looks like one: a value can be a secret in the wrong key.
-        shown = f" {name!r}" if re.fullmatch(r"[A-Za-z0-9_-]{1,20}", name) else ""
+        # Echo the name only when it is a near miss of a driver's (an access key
+        # ID typed into the wrong key also "looks like a name").
+        near = difflib.get_close_matches(str(name), [*DRIVERS, *UNSUPPORTED], n=1, cutoff=0.6)
+        shown = f" {name!r} (did you mean {near[0]}?)" if near and len(str(name)) <= 12 else ""
         raise ConfigError(store.path, f"{store.key}.storage_driver.name", f"unknown driver{shown} (known: {known})")
     return DRIVERS[name]
 

@@ -134,7 +134,7 @@ def batch_query(where, shard, after):
         conditions.append(sql.SQL("({}) > (%(a0)s, %(a1)s, %(a2)s, %(a3)s)").format(sql.SQL(KEY_SQL)))
     return sql.SQL(
         """SELECT m.bucket, m."archiveId", m."userId", m."documentName", m.content_url,
-                  m.is_compressed, m.digest, m.size
+                  m.is_compressed, nullif(btrim(m.digest), '') AS digest, m.size
            FROM archive_metadata m
            WHERE {}
            ORDER BY {}

@@ -96,7 +96,7 @@ def account(conn, source, dest, options, unverifiable=False):
     where = sql.SQL("m.bucket = ANY({})").format(sql.Literal(list(options.buckets))) if options.buckets else sql.SQL("true")
     cause = classify(source, dest, others)
     if unverifiable:  # the plan: rows at the source nothing can check
-        cause = sql.SQL("CASE WHEN {c} = 'source' AND m.digest IS NULL AND m.size IS NULL THEN 'unverifiable' "
+        cause = sql.SQL("CASE WHEN {c} = 'source' AND nullif(btrim(m.digest), '') IS NULL AND m.size IS NULL THEN 'unverifiable' "
                         "ELSE {c} END").format(c=cause)
     query = sql.SQL(
         """SELECT cause, count(*), (array_agg(label) FILTER (WHERE n <= {examples}))

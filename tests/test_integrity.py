@@ -133,6 +133,7 @@ def test_unverifiable_documents_are_named_and_get_digest_and_size(db, cli, tmp_p
     blind = docs[:3]
     db.execute('UPDATE archive_metadata SET digest = NULL, size = NULL WHERE "archiveId" = ANY(%s)',
                ([d.archive_id for d in blind],))
+    db.execute('UPDATE archive_metadata SET digest = %s WHERE "archiveId" = %s', ("", blind[2].archive_id))  # blank: no digest either
     source = write_config(tmp_path / "a.yaml", section("db"))
     dest = write_config(tmp_path / "b.yaml", section("db2"))
     dry = cli("migrate", source, dest, "--dry-run")

@@ -17,6 +17,8 @@ no migration can point a row back at a copy while it deletes.
 import logging
 from dataclasses import dataclass
 
+import orjson
+
 from psycopg import sql
 
 from anchore_objmig import db, prompt
@@ -34,6 +36,7 @@ NAMED_LEFT = 200  # at most this many copies that could not be deleted named on 
 CANDIDATES = """
 FROM objmig_moved p
 JOIN objmig_runs r ON r.task_id = p.task_id AND r.source_location = {location}
+                    AND r.manifest -> 'source' @> {identity}
 WHERE starts_with(p.url, {location}) {buckets}
   AND NOT EXISTS (SELECT 1 FROM archive_metadata m WHERE m.content_url = p.url)
 """
@@ -49,9 +52,13 @@ class CleanupOptions:
     io_threads: int = 32
 
 
-def candidates(location, buckets):
+def candidates(driver, buckets):
+    """Copies the run moved away from this very place: the same location and,
+    for S3, the same server (its manifest's endpoint and addressing): another
+    server can hold the same bucket name and keys."""
     bucket_filter = sql.SQL("AND p.bucket = ANY({})").format(sql.Literal(list(buckets))) if buckets else sql.SQL("")
-    return sql.SQL(CANDIDATES).format(location=sql.Literal(location), buckets=bucket_filter)
+    identity = sql.SQL("{}::jsonb").format(sql.Literal(orjson.dumps(driver.identity()).decode()))
+    return sql.SQL(CANDIDATES).format(location=sql.Literal(driver.location), identity=identity, buckets=bucket_filter)
 
 
 def recorded(conn):
@@ -83,7 +90,7 @@ def run(options, db_settings):
         if not options.dry_run and not db.try_migration_lock(conn):
             raise ObjmigError("another migration is running: it holds the migration lock pg_advisory_lock(2, 1); "
                               "run cleanup after it has finished")
-        where = candidates(driver.location, options.buckets)
+        where = candidates(driver, options.buckets)
         copies, nbytes, unknown = summarize(conn, where)
         found = f"{describe(copies, nbytes, unknown)} in {driver.describe()} that a recorded migration moved " \
                 "and no metadata row references"

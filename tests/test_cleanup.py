@@ -10,7 +10,8 @@ import sys
 import time
 
 import anchore_sim
-from helpers import assert_all_readable, section, write_config
+from faultproxy import FaultProxy
+from helpers import assert_all_readable, section, through_proxy, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "old/"
@@ -73,6 +74,10 @@ def test_cleanup_deletes_only_copies_a_recorded_run_moved(db, s3, cli, tmp_path)
     narrowed = cli("cleanup", source, "--dry-run", "--bucket", one)
     assert reported(narrowed.stdout)[0] == sum(1 for d in moved if d.bucket == one)
     assert reported(cli("cleanup", dest, "--dry-run").stdout)[0] == 0
+    # the same bucket and prefix on another server (here: another address) is not where they were moved from
+    with FaultProxy(s3.endpoint) as proxy:
+        elsewhere = write_config(tmp_path / "other.yaml", section("s3", through_proxy(s3, proxy, bucket, prefix=PREFIX)))
+        assert reported(cli("cleanup", elsewhere, "--dry-run").stdout)[0] == 0
 
     result = cli("cleanup", source, "--dontask")
     assert result.returncode == 0, result.stderr

@@ -95,6 +95,14 @@ def config_snippet(dest, show_secrets):
     )
 
 
+def main_location(config_path, context):
+    """Where the main store (object_store) of a config keeps its documents, or None if it cannot say."""
+    try:
+        return make_driver(load_store_config(config_path, False), context).location
+    except ObjmigError:
+        return None
+
+
 def run(options, db_settings):
     source_store, dest_store = load_stores(options)
     metrics.check_path(options.metrics_file)
@@ -107,6 +115,9 @@ def run(options, db_settings):
             f"source and destination are the same location ({source.describe()}); nothing to migrate"
         )
     preflight.check_overlap(source, dest)
+    shared = preflight.shared_archive_note(options, source, main_location(options.from_config, context))
+    if shared:
+        options = replace(options, prompt_note=" ".join(filter(None, [options.prompt_note, shared])))
     where = plan.source_filter(source, dest, options.buckets)
     conn = db.connect(db_settings, autocommit=True)
     try:

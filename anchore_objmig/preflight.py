@@ -59,6 +59,29 @@ def analysis_archive_note(options):
     return ANALYSIS_NOTE
 
 
+SHARED_NOTE = (
+    "--from-analysis-archive without --bucket analysis_archive, and FROM_CONFIG's analysis_archive and "
+    "object_store sections keep their documents at the same place ({where}): EVERY logical bucket there (the "
+    "main store too) would move; the usual command adds --bucket analysis_archive"
+)
+
+
+def shared_archive_note(options, source, main_location):
+    """The same warning and refusal as analysis_archive_note, for a move out
+    of an analysis archive that shares its location with the main store:
+    the source location then holds the main store's documents too."""
+    if not options.from_analysis_archive or options.buckets or options.all_buckets:
+        return ""
+    if main_location != source.location:
+        return ""
+    note = SHARED_NOTE.format(where=source.describe())
+    if not options.ask and not options.dry_run and not options.join:
+        raise UsageError(note + "; with --dontask this is refused: add --bucket analysis_archive, "
+                         "or --all-buckets if you really mean every bucket")
+    log.warning("%s", note)
+    return note
+
+
 def check_overlap(source, dest):
     """Refuse locations where one contains the other.
 

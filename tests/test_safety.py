@@ -243,6 +243,24 @@ def test_to_analysis_archive_without_bucket_is_said_and_refused_unattended(db, c
     assert doc_count(db, "object_storage") == 6 and doc_count(db) == 0
 
 
+def test_archive_sharing_the_main_stores_place_is_not_moved_whole_unattended(db, cli, tmp_path):
+    """From an analysis archive kept where the main store is (both db): without
+    --bucket the whole main store would move into the new archive store."""
+    anchore_sim.store(db, anchore_sim.Location("db"), docs_in(("analysis_archive", "manifest_data")))
+    before = urls(db)
+    source = write_config(tmp_path / "a.yaml", section("db"), analysis_archive=section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("db"), analysis_archive=section("db2"))
+    args = ["migrate", "--from-analysis-archive", "--to-analysis-archive", source, dest]
+    unattended = cli(*args, "--dontask")
+    assert unattended.returncode == 2
+    line = one_error_line(unattended)
+    assert "EVERY logical bucket" in line and "object_store" in line and "--bucket analysis_archive" in line
+    assert_nothing_changed(db, before)
+    usual = cli(*args, "--bucket", "analysis_archive", "--dontask")
+    assert usual.returncode == 0, usual.stderr
+    assert doc_count(db, "object_storage") == 3 and doc_count(db) == 3  # the main store's documents stayed
+
+
 # -- 5. overlapping locations --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("prefixes", [("", "anchore"), ("anchore", ""), ("data/", "data/new/")])

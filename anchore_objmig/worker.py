@@ -189,6 +189,8 @@ def commit_metadata(conn, lease, written, result, delete_source):
             ledger.note_pending_deletes(conn, lease.task_id, sorted(free))
         moved = [(row, item) for row, item in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]
         ledger.count_moved(conn, lease, len(moved), sum(item.stored.size for _, item in moved))
+        unverifiable = set(result.unverifiable)  # named with the commit: a crash after it must not lose them
+        integrity.record_unverifiable(conn, lease.task_id, [row for row, _ in moved if row in unverifiable])
         crash_point("before-commit")
     if result.kept:  # the other rows may have moved in a concurrent transaction: look again, now all is committed
         with conn.transaction():
@@ -304,8 +306,6 @@ def finish_batch(spec, flight, source, conn, on_batch):
     for row, reason in result.leftovers:
         log.warning("document %s: %s", row.label, reason)
     ledger.record_batch(conn, flight.lease, result.failures, result.leftovers, result.deleted)
-    moved = set(result.moved)
-    integrity.record_unverifiable(conn, flight.lease.task_id, [row for row in result.unverifiable if row in moved])
     crash_point("after-record")
     if on_batch:
         on_batch()

@@ -460,7 +460,11 @@ def dry_run(conn, where, source, dest, dest_store, options):
     total = sum(g.documents for g in groups)
     total_bytes = sum(g.bytes for g in groups)
     if options.json:
-        print_json(plan_document(groups, source, dest, would_compress, len(shards)))
+        document = plan_document(groups, source, dest, would_compress, len(shards))
+        account = scope.account(conn, source, dest, options, unverifiable=True)
+        document["not_moved"] = [{"cause": cause.name, "rows": int(cause.count), "examples": list(cause.examples),
+                                  "hint": cause.hint} for cause in account.causes]
+        print_json(document)
         return EXIT_OK
     print(f"dry run: from {source.describe()} to {dest.describe()}; nothing was changed")
     width = max([len("bucket")] + [len(g.bucket) for g in groups])

@@ -186,6 +186,12 @@ def only_json(stdout):
 def test_dry_run_json_is_the_plan_by_bucket_and_user(db, s3, cli, tmp_path):
     docs = anchore_sim.make_docs(60, seed=71, large_share=0.2)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    # a row in scope this run cannot move: it belongs in the plan too
+    db.execute("""INSERT INTO archive_metadata (bucket, "archiveId", "userId", "documentName", content_url,
+                      is_compressed, digest, size, document_metadata, created_at, last_updated, record_state_key,
+                      record_state_val)
+                  VALUES (%s, 'swifty', 'admin', 'swifty.json', 'swift://c/admin/x/swifty', false, NULL, 0, NULL,
+                          1, 1, 'active', NULL)""", (docs[0].bucket,))
     bucket = s3.new_bucket()
     source = write_config(tmp_path / "a.yaml", section("db"))
     dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket), compress=True))
@@ -210,6 +216,8 @@ def test_dry_run_json_is_the_plan_by_bucket_and_user(db, s3, cli, tmp_path):
     assert plan["total"]["would_compress"] == sum(1 for doc in docs if len(doc.content) > 100 * 1024)
     assert plan["total"]["shards"] >= len(expected)
     assert plan["from"] == "db://" and plan["to"].startswith(f"s3://{bucket}/") and plan["dry_run"] is True
+    [swift] = plan["not_moved"]
+    assert swift["cause"] == "unsupported driver" and swift["rows"] == 1 and "swifty" in " ".join(swift["examples"])
     assert s3.secret_key not in result.stdout + result.stderr
     assert table_names(db) == tables and task_rows(db) == [] and s3.keys(bucket) == []
 

@@ -200,6 +200,7 @@ def work_on_run(options, db_settings, spec, guard, source, dest_store, task_id):
                 log.error("migration task %d stopped on this host: %s. Documents already moved stay moved and "
                           "readable; run the same command again (without --join): it closes the task and moves "
                           "the rest", task_id, guard.failure)
+                record_stopped(options, work, task_id, started)
                 return EXIT_FAILED
             if not guard.holding:
                 log.info("no shards left for this host in task %d; the host holding the migration lock finishes it",
@@ -210,15 +211,31 @@ def work_on_run(options, db_settings, spec, guard, source, dest_store, task_id):
             crash_point("before-finish")
             return retrying(work, lambda conn: finish(conn, task_id, dest_store, options, time.monotonic() - started))
         except (KeyboardInterrupt, Terminated) as stop:
-            return interrupted(db_settings, guard, task_id, stop, names)
+            status = interrupted(db_settings, guard, task_id, stop, names)
+            record_stopped(options, work, task_id, started)
+            return status
         except (ObjmigError, psycopg.Error) as exc:  # the run had started: never "nothing was changed" (exit 3)
             log.error("migration task %d stopped on this host: %s. Documents already moved stay moved and readable; "
                       "run the same command again (without --join): it closes the task and moves the rest",
                       task_id, db.redacted(db.first_line(exc)))
+            record_stopped(options, work, task_id, started)
             return EXIT_FAILED
     finally:
         guard.finish()
         work.close()
+
+
+def record_stopped(options, work, task_id, started):
+    """A run that did not finish writes the metrics file too, as a failure:
+    an alert must not keep reading the previous run's success."""
+    try:
+        totals = ledger.totals(work.conn, task_id)
+        documents, nbytes = totals.documents_done, totals.bytes_done
+    except (psycopg.Error, ObjmigError):  # the database is away: what is known is that it failed
+        documents = nbytes = 0
+    metrics.record(options.metrics_file, metrics.RunResult(
+        command=metrics.MIGRATE, success=False, duration_seconds=time.monotonic() - started,
+        documents=documents, failed=0, bytes=nbytes))
 
 
 def retrying(work, step, seconds=worker.LOCK_WAIT_SECONDS):

@@ -316,13 +316,18 @@ def test_sigterm_and_sigint_close_the_task_at_once(db, s3, cli, tmp_path):
         proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
         source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
         for sig, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
-            main = Tool(cli.dsn, migrate_args(source, dest), None, tmp_path, f"main-{status}")
+            metrics_file = tmp_path / f"metrics-{status}.prom"
+            main = Tool(cli.dsn, migrate_args(source, dest, "--metrics-file", metrics_file), None, tmp_path,
+                        f"main-{status}")
             wait_for(lambda: db.execute("SELECT count(*) FROM tasks WHERE state = 'running'").fetchone()[0] == 1
                      and len(s3.keys(bucket)) > 0, 120, "the run to start")
             os.killpg(main.pid, sig)
             code, log = main.finish()
             assert code == status, log
             assert "closed as failed" in log
+            written = metrics_file.read_text()  # the stop is recorded: no alert reads an old success
+            assert 'anchore_objmig_last_run_timestamp_seconds{command="migrate"}' in written
+            assert 'anchore_objmig_last_success_timestamp_seconds{' not in written
             assert db.execute("SELECT count(*) FROM tasks WHERE state = 'running'").fetchone()[0] == 0
             assert_all_readable(db, s3.client, docs)
         rerun = cli(*migrate_args(source, dest))

@@ -533,6 +533,24 @@ def pending_deletes(conn, location, limit=1000):
     ]
 
 
+def note_orphaned_copies(conn, location):
+    """Old copies a deleting run moved away from that nothing references but
+    that are not in the delete journal: a crash between a commit and the second
+    look at a copy two rows shared leaves one so. Into the journal with them.
+    (Copies a --nodelete run kept are not touched: those are for `cleanup`.)"""
+    if not has_schema(conn) or not conn.execute("SELECT to_regclass('objmig_moved') IS NOT NULL").fetchone()[0]:
+        return 0
+    return conn.execute(
+        """INSERT INTO objmig_pending_deletes (url, task_id)
+           SELECT p.url, p.task_id FROM objmig_moved p
+           JOIN objmig_runs r ON r.task_id = p.task_id AND coalesce((r.manifest ->> 'delete_source')::boolean, false)
+           WHERE starts_with(p.url, %s)
+             AND NOT EXISTS (SELECT 1 FROM archive_metadata m WHERE m.content_url = p.url)
+           ON CONFLICT (url) DO NOTHING""",
+        (location,),
+    ).rowcount
+
+
 def forget_pending_deletes(conn, urls):
     """No copy awaits deletion at these URLs any more (deleted, or written anew)."""
     conn.execute("DELETE FROM objmig_pending_deletes WHERE url = ANY(%s::text[])", (list(urls),))

@@ -362,6 +362,7 @@ def wait_for_quiet_workers(conn, run_row):
 
 def finish_pending_deletes(conn, source):
     """Delete old copies a crashed run meant to delete after its metadata commit."""
+    ledger.note_orphaned_copies(conn, source.location)
     total = 0
     while True:
         urls = ledger.pending_deletes(conn, source.location)

@@ -76,6 +76,34 @@ def test_size_is_checked_when_there_is_no_digest(db, cli, tmp_path):
     assert_all_readable(db, None, [d for d in docs if d is not cut], skip={cut.archive_id})
 
 
+def test_an_old_copy_nobody_needs_any_more_is_deleted_by_the_next_run(db, cli, tmp_path):
+    """A copy a deleting run kept for another row, whose last row then went
+    elsewhere without the second look (a crash between the commit and it):
+    the next run finds it through objmig_moved and deletes it."""
+    docs = anchore_sim.make_docs(6, seed=96, buckets=("analysis_data",))
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    shared = docs[0]
+    db.execute(
+        """INSERT INTO archive_metadata (bucket, "archiveId", "userId", "documentName", content_url, is_compressed,
+               digest, size, document_metadata, created_at, last_updated, record_state_key, record_state_val)
+           SELECT 'manifest_data', 'twin', "userId", 'twin.json', content_url, is_compressed, digest, size, NULL,
+                  created_at, last_updated, 'active', NULL
+           FROM archive_metadata WHERE "archiveId" = %s""",
+        (shared.archive_id,),
+    )
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("db2"))
+    first = cli("migrate", source, dest, "--dontask", "--bucket", "analysis_data")
+    assert first.returncode == 0, first.stderr
+    assert db.execute("SELECT count(*) FROM archive_document").fetchone()[0] == 1  # kept for the twin
+    db.execute("""DELETE FROM archive_metadata WHERE "archiveId" = 'twin'""")  # its last user is gone
+    again = cli("migrate", source, dest, "--dontask", "--allow-empty", "--bucket", "analysis_data")
+    assert again.returncode == 0, again.stderr
+    assert "deleted 1 old source copies" in again.stderr
+    assert db.execute("SELECT count(*) FROM archive_document").fetchone()[0] == 0
+    assert_all_readable(db, None, docs)
+
+
 def test_a_shared_copy_moves_with_every_row_and_goes_after_the_last(db, cli, tmp_path):
     docs = anchore_sim.make_docs(10, seed=95, buckets=("analysis_data",))
     anchore_sim.store(db, anchore_sim.Location("db"), docs)

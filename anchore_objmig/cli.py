@@ -131,6 +131,13 @@ def size_bytes(text):
     return value
 
 
+def add_bucket_option(parser, example=""):
+    parser.add_argument(
+        "--bucket", action="append", type=bucket_name, default=[], metavar="NAME",
+        help=f"only this logical bucket{example} (repeatable; not an S3 bucket)",
+    )
+
+
 def add_progress_option(parser):
     parser.add_argument(
         "--progress", choices=["auto", "bar", "log", "none"], default="auto",
@@ -291,10 +298,7 @@ def add_commands(commands, manager_only=False):
     )
     verify.add_argument("config", metavar="CONFIG", help="an Anchore config.yaml")
     verify.add_argument("--analysis-archive", action="store_true", help="verify the analysis_archive section instead of object_store")
-    verify.add_argument(
-        "--bucket", action="append", type=bucket_name, default=[], metavar="NAME",
-        help="only this logical bucket (repeatable; not an S3 bucket)",
-    )
+    add_bucket_option(verify)
     verify.add_argument("--workers", type=positive_int, default=usable_cpus(), metavar="N",
                         help="worker processes (default: the CPUs this process may use, after its affinity and "
                         "cgroup quota)")
@@ -319,10 +323,7 @@ def add_output_and_cleanup(commands, migrate, verify, list_migrations):
     )
     cleanup.add_argument("from_config", metavar="FROM_CONFIG", help="the config.yaml the migration moved the documents from")
     cleanup.add_argument("--from-analysis-archive", action="store_true", help="clean FROM_CONFIG's analysis_archive section's store")
-    cleanup.add_argument(
-        "--bucket", action="append", type=bucket_name, default=[], metavar="NAME",
-        help="only this logical bucket (repeatable; not an S3 bucket)",
-    )
+    add_bucket_option(cleanup)
     cleanup.add_argument("--dry-run", action="store_true", help="print what would be deleted (copies and bytes) and change nothing")
     cleanup.add_argument("--dontask", action="store_true", help="do not ask for confirmation (for batch jobs)")
 

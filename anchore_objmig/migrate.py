@@ -115,7 +115,7 @@ def run(options, db_settings):
             f"source and destination are the same location ({source.describe()}); nothing to migrate"
         )
     preflight.check_overlap(source, dest)
-    shared = preflight.shared_archive_note(options, source, main_location(options.from_config, context))
+    shared = preflight.shared_archive_note(options, source, lambda: main_location(options.from_config, context))
     if shared:
         options = replace(options, prompt_note=" ".join(filter(None, [options.prompt_note, shared])))
     where = plan.source_filter(source, dest, options.buckets)

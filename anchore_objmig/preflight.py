@@ -69,10 +69,11 @@ SHARED_NOTE = (
 def shared_archive_note(options, source, main_location):
     """The same warning and refusal as analysis_archive_note, for a move out
     of an analysis archive that shares its location with the main store:
-    the source location then holds the main store's documents too."""
+    the source location then holds the main store's documents too.
+    `main_location()` gives the main store's location (read only if needed)."""
     if not options.from_analysis_archive or options.buckets or options.all_buckets:
         return ""
-    if main_location != source.location:
+    if main_location() != source.location:
         return ""
     note = SHARED_NOTE.format(where=source.describe())
     if not options.ask and not options.dry_run and not options.join:

@@ -181,7 +181,8 @@ def commit_metadata(conn, lease, written, result, delete_source):
         updated = {tuple(key) for key in conn.execute(COMMIT_METADATA, [int(time.time()), *columns])}
         ledger.forget_pending_deletes(conn, [item.url for _, item in written])
         old_urls = [row.content_url for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]
-        ledger.note_moved(conn, lease.task_id, [row for row, _ in written if row.content_url in set(old_urls)])
+        moved_urls = set(old_urls)
+        ledger.note_moved(conn, lease.task_id, [row for row, _ in written if row.content_url in moved_urls])
         if delete_source:
             # A stored copy another row still points at is kept: it goes with the last row that uses it.
             free = integrity.unreferenced(conn, old_urls)

@@ -13,6 +13,18 @@ def forget_digests(db, sizes_too=False):
     db.execute("UPDATE archive_metadata SET digest = NULL" + (", size = NULL" if sizes_too else ""))
 
 
+def share_copy(db, of_archive_id, archive_id, bucket=None):
+    """A second metadata row, `archive_id` (in `bucket`, or the same one), pointing at the stored copy of another."""
+    db.execute(
+        """INSERT INTO archive_metadata (bucket, "archiveId", "userId", "documentName", content_url, is_compressed,
+               digest, size, document_metadata, created_at, last_updated, record_state_key, record_state_val)
+           SELECT coalesce(%s, bucket), %s, "userId", %s, content_url, is_compressed, digest, size, NULL,
+                  created_at, last_updated, 'active', NULL
+           FROM archive_metadata WHERE "archiveId" = %s""",
+        (bucket, archive_id, archive_id + ".json", of_archive_id),
+    )
+
+
 def test_short_and_cut_off_s3_bodies_are_retried_and_never_stored(db, s3, cli, tmp_path):
     bucket = s3.new_bucket()
     docs = anchore_sim.make_docs(30, seed=91)
@@ -83,14 +95,7 @@ def test_an_old_copy_nobody_needs_any_more_is_deleted_by_the_next_run(db, cli, t
     docs = anchore_sim.make_docs(6, seed=96, buckets=("analysis_data",))
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
     shared = docs[0]
-    db.execute(
-        """INSERT INTO archive_metadata (bucket, "archiveId", "userId", "documentName", content_url, is_compressed,
-               digest, size, document_metadata, created_at, last_updated, record_state_key, record_state_val)
-           SELECT 'manifest_data', 'twin', "userId", 'twin.json', content_url, is_compressed, digest, size, NULL,
-                  created_at, last_updated, 'active', NULL
-           FROM archive_metadata WHERE "archiveId" = %s""",
-        (shared.archive_id,),
-    )
+    share_copy(db, shared.archive_id, "twin", bucket="manifest_data")
     source = write_config(tmp_path / "a.yaml", section("db"))
     dest = write_config(tmp_path / "b.yaml", section("db2"))
     first = cli("migrate", source, dest, "--dontask", "--bucket", "analysis_data")
@@ -110,14 +115,7 @@ def test_a_shared_copy_moves_with_every_row_and_goes_after_the_last(db, cli, tmp
     shared = docs[0]
     # A second row, in another logical bucket (so another shard and batch), points at the same copy.
     twin = anchore_sim.Doc(shared.user_id, "manifest_data", "sha256:" + "ab" * 32, shared.content)
-    db.execute(
-        """INSERT INTO archive_metadata (bucket, "archiveId", "userId", "documentName", content_url, is_compressed,
-               digest, size, document_metadata, created_at, last_updated, record_state_key, record_state_val)
-           SELECT 'manifest_data', %s, "userId", %s, content_url, is_compressed, digest, size, NULL,
-                  created_at, last_updated, 'active', NULL
-           FROM archive_metadata WHERE "archiveId" = %s""",
-        (twin.archive_id, twin.archive_id + ".json", shared.archive_id),
-    )
+    share_copy(db, shared.archive_id, twin.archive_id, bucket="manifest_data")
     source = write_config(tmp_path / "a.yaml", section("db"))
     dest = write_config(tmp_path / "b.yaml", section("db2"))
 
@@ -235,14 +233,7 @@ def test_rows_sharing_an_s3_copy_in_one_batch_move_and_it_goes_once(db, s3, cli,
     anchore_sim.store(db, s3.location(bucket), docs)
     shared = docs[0]
     twin = anchore_sim.Doc("admin", "analysis_data", "sha256:" + "cd" * 32, shared.content)
-    db.execute(
-        """INSERT INTO archive_metadata (bucket, "archiveId", "userId", "documentName", content_url, is_compressed,
-               digest, size, document_metadata, created_at, last_updated, record_state_key, record_state_val)
-           SELECT bucket, %s, "userId", %s, content_url, is_compressed, digest, size, NULL, created_at,
-                  last_updated, 'active', NULL
-           FROM archive_metadata WHERE "archiveId" = %s""",
-        (twin.archive_id, twin.archive_id + ".json", shared.archive_id),
-    )
+    share_copy(db, shared.archive_id, twin.archive_id)
     source = write_config(tmp_path / "a.yaml", section("s3", s3.driver_config(bucket)))
     dest = write_config(tmp_path / "b.yaml", section("db"))
     result = cli("migrate", source, dest, "--dontask")

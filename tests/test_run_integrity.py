@@ -238,20 +238,28 @@ def test_lock_session_killed_is_taken_again_and_excludes_a_second_migration(db, 
     assert [row[0] for row in task_rows(db)] == ["complete"]
 
 
-def test_database_restart_mid_run(tmp_path, s3):
+def run_through_a_database_fault(tmp_path, s3, fault, *extra):
+    """A migration on a private PostgreSQL cluster, `fault(server)` applied once
+    the first documents moved: (exit code, log, the server, the documents).
+    The caller stops the server."""
     server = devservers.PostgresServer().start()
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        anchore_sim.apply_schema(conn)
+        docs = seed(conn, 150)
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
+        source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
+        main = Tool(server.dsn, migrate_args(source, dest, *extra), None, tmp_path, "main")
+        wait_for(lambda: len(s3.keys(bucket)) >= 10, 120, "the first documents to move")
+        fault(server)
+        code, log = main.finish()
+    return code, log, server, docs
+
+
+def test_database_restart_mid_run(tmp_path, s3):
+    code, log, server, docs = run_through_a_database_fault(tmp_path, s3, lambda server: server.restart())
     try:
-        with psycopg.connect(server.dsn, autocommit=True) as conn:
-            anchore_sim.apply_schema(conn)
-            docs = seed(conn, 150)
-        bucket = s3.new_bucket()
-        with FaultProxy(s3.endpoint) as proxy:
-            proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
-            source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
-            main = Tool(server.dsn, migrate_args(source, dest), None, tmp_path, "main")
-            wait_for(lambda: len(s3.keys(bucket)) >= 10, 120, "the first documents to move")
-            server.restart()
-            code, log = main.finish()
         assert code == 0, log
         assert "took the migration lock again" in log
         with psycopg.connect(server.dsn, autocommit=True) as conn:
@@ -264,19 +272,9 @@ def test_database_restart_mid_run(tmp_path, s3):
 def test_database_away_longer_than_the_connect_retries(tmp_path, s3):
     """Down for 12 s (the connect retries give up after about 3.5 s): the
     workers and the lock guard wait, the run finishes, nothing is lost."""
-    server = devservers.PostgresServer().start()
+    code, log, server, docs = run_through_a_database_fault(tmp_path, s3, lambda server: server.stop_for(12),
+                                                           "--workers", "2")
     try:
-        with psycopg.connect(server.dsn, autocommit=True) as conn:
-            anchore_sim.apply_schema(conn)
-            docs = seed(conn, 150)
-        bucket = s3.new_bucket()
-        with FaultProxy(s3.endpoint) as proxy:
-            proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
-            source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
-            main = Tool(server.dsn, migrate_args(source, dest, "--workers", "2"), None, tmp_path, "main")
-            wait_for(lambda: len(s3.keys(bucket)) >= 10, 120, "the first documents to move")
-            server.stop_for(12)
-            code, log = main.finish()
         assert code == 0, log
         assert "Traceback" not in log
         with psycopg.connect(server.dsn, autocommit=True) as conn:

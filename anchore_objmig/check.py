@@ -100,7 +100,7 @@ def store_document(conn, driver, store, archive_id, payload):
     if errors:
         raise ObjmigError(f"check failed: cannot write the test document: {errors[url]}")
     now = int(time.time())
-    with conn.transaction():
+    with db.transaction(conn):
         conn.execute(
             INSERT_METADATA,
             (TEST_BUCKET, archive_id, TEST_USER, archive_id + ".json", url, stored.is_compressed,
@@ -129,7 +129,7 @@ def remove_document(conn, driver, archive_id):
     errors = driver.delete_many([url])
     if errors:
         raise ObjmigError(f"check failed: cannot delete the test document: {errors[url]}")
-    with conn.transaction():
+    with db.transaction(conn):
         conn.execute(DELETE_METADATA, (TEST_BUCKET, archive_id, TEST_USER))
 
 

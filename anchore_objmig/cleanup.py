@@ -121,7 +121,7 @@ def delete_all(conn, driver, where):
     while True:
         # Each batch is chosen again, in the database, right before its delete:
         # a row that came to reference a copy since the prompt saves that copy.
-        with conn.transaction():
+        with db.transaction(conn):
             rows = conn.execute(
                 sql.SQL("SELECT p.url, p.size {} AND p.url > %s ORDER BY p.url LIMIT %s FOR UPDATE OF p").format(where),
                 (after, BATCH),

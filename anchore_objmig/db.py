@@ -6,6 +6,7 @@ and keyword strings. The password is never logged: every message that shows
 the target goes through ``redacted``.
 """
 
+import contextlib
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import psycopg
 
+from anchore_objmig import signals
 from anchore_objmig.errors import ConnectError, UsageError
 
 log = logging.getLogger(__name__)
@@ -182,6 +184,15 @@ class Reconnecting:
     def close(self):
         close_quietly(self._conn)
         self._conn = None
+
+
+@contextlib.contextmanager
+def transaction(conn):
+    """`conn.transaction()` with SIGINT and SIGTERM held back until it has
+    committed or rolled back (see signals.py): a stop never lands inside
+    psycopg's transaction bookkeeping."""
+    with signals.deferred(), conn.transaction() as tx:
+        yield tx
 
 
 def close_quietly(conn):

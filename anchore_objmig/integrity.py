@@ -10,6 +10,8 @@
 
 import logging
 
+from anchore_objmig import db
+
 log = logging.getLogger(__name__)
 
 # The first words of a failure's reason: they say what state the document is in.
@@ -38,7 +40,7 @@ def record_unverifiable(conn, task_id, rows):
     """Note moved documents that had no digest, no size and no MD5 ETag."""
     if not rows:
         return
-    with conn.transaction(), conn.cursor() as cur:
+    with db.transaction(conn), conn.cursor() as cur:
         cur.executemany(
             """INSERT INTO objmig_failures (task_id, bucket, user_id, archive_id, content_url, kind, error)
                VALUES (%s, %s, %s, %s, %s, %s, %s)""",

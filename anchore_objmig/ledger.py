@@ -28,6 +28,8 @@ stale worker's write could still be in the air is taken over by a new claim.
 import socket
 from dataclasses import dataclass
 
+from anchore_objmig import db
+
 from anchore_objmig.plan import Shard
 
 SCHEMA = """
@@ -181,7 +183,7 @@ class Totals:
 
 
 def ensure_schema(conn):
-    with conn.transaction():
+    with db.transaction(conn):
         conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", SCHEMA_LOCK)
         conn.execute(SCHEMA)
 
@@ -195,7 +197,7 @@ def create_run(conn, task_id, manifest, shards, lock_pid, lock_started):
     """The run's row (with its manifest and lock session) and its shards, in one transaction."""
     from psycopg.types.json import Jsonb
 
-    with conn.transaction():
+    with db.transaction(conn):
         conn.execute(
             """INSERT INTO objmig_runs (task_id, source_location, dest_location, buckets, documents, bytes,
                                         manifest, lock_pid, lock_started, lock_host, lease_seconds, write_grace_seconds)
@@ -275,7 +277,7 @@ def close_run(conn, task_id, state, reason=None):
     the next run waits for them (revoked_holders)."""
     from anchore_objmig import tasks
 
-    with conn.transaction():
+    with db.transaction(conn):
         row = conn.execute("SELECT state FROM objmig_runs WHERE task_id = %s FOR UPDATE", (task_id,)).fetchone()
         if not row or row[0] != "running":
             return False
@@ -301,7 +303,7 @@ def claim_shard(conn, task_id, worker):
 
     Returns (Lease, previous holder or None when it was pending).
     """
-    with conn.transaction():
+    with db.transaction(conn):
         row = conn.execute(
             f"""WITH next AS (
                     SELECT s.task_id, s.shard_no, s.state AS previous_state, s.worker AS previous_worker
@@ -410,7 +412,7 @@ def record_batch(conn, lease, failures, leftovers=(), deleted=()):
     be deleted; `deleted` the old URLs now gone, whose pending deletes are done.
     """
     extra = ", documents_failed = s.documents_failed + %(failed)s"
-    with conn.transaction():
+    with db.transaction(conn):
         params = lease.params(failed=len(failures))
         if conn.execute(FENCE.format(extra=extra), params).fetchone() is None:
             raise lost_lease(conn, lease)
@@ -432,7 +434,7 @@ def record_batch(conn, lease, failures, leftovers=(), deleted=()):
 
 def finish_shard(conn, lease, state, error=None):
     """Mark the leased shard done or failed; LeaseLost if the lease is gone."""
-    with conn.transaction():
+    with db.transaction(conn):
         confirm_lease(conn, lease)
         conn.execute(
             "UPDATE objmig_shards SET state = %s, error = %s WHERE task_id = %s AND shard_no = %s",

@@ -13,7 +13,7 @@ import psycopg
 import yaml
 from psycopg import sql
 
-from anchore_objmig import db, integrity, ledger, manifest, metrics, plan, preflight, prompt, scope, supervisor, tasks, worker
+from anchore_objmig import db, integrity, ledger, manifest, metrics, plan, preflight, prompt, scope, signals, supervisor, tasks, worker
 from anchore_objmig.config import load_store_config
 from anchore_objmig.display import ProgressDisplay, human_bytes, print_json
 from anchore_objmig.drivers import DriverContext, make_driver
@@ -126,7 +126,7 @@ def run(options, db_settings):
             preflight.check_selection(conn, source, dest, options.buckets, options.allow_empty, source_store)
         if options.dry_run:
             return dry_run(conn, where, source, dest, dest_store, options)
-        supervisor.install_signal_handlers()
+        signals.install()
         if options.join:
             return join(conn, options, db_settings, source_store, dest_store, source, dest)
         return migrate(conn, options, db_settings, where, source_store, dest_store, source, dest)

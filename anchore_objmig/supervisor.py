@@ -12,7 +12,6 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import signal
 import socket
 import threading
 import time
@@ -20,19 +19,12 @@ import time
 import psycopg
 
 from anchore_objmig import db, ledger, worker
-from anchore_objmig.errors import ObjmigError, Terminated
+from anchore_objmig.errors import ObjmigError
 
 log = logging.getLogger(__name__)
 
 GUARD_INTERVAL = 1.0  # seconds between checks of the lock session
 REGAIN_SECONDS = 60  # how long the holder tries to reconnect and take the lock again
-
-
-def install_signal_handlers():
-    def on_term(signum, frame):
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, on_term)
 
 
 class RunGuard(threading.Thread):

@@ -11,6 +11,8 @@ import socket
 import threading
 from dataclasses import dataclass
 
+from anchore_objmig import db
+
 UTC_NOW = "timezone('utc', now())"
 TASK_TYPE = "archivemigrationtask"
 
@@ -35,7 +37,7 @@ def executor_id():
 
 def create_task(conn, from_driver, to_driver, total):
     """A running migration task; its id."""
-    with conn.transaction():
+    with db.transaction(conn):
         task_id = conn.execute(
             f"""INSERT INTO tasks (state, created_at, started_at, last_updated, executor_id, type)
                 VALUES ('running', {UTC_NOW}, {UTC_NOW}, {UTC_NOW}, %s, %s) RETURNING id""",

@@ -176,7 +176,7 @@ def commit_metadata(conn, lease, written, result, delete_source):
             ]
         )
     ]
-    with conn.transaction():
+    with db.transaction(conn):
         ledger.confirm_lease(conn, lease)  # first: a stale worker commits nothing
         updated = {tuple(key) for key in conn.execute(COMMIT_METADATA, [int(time.time()), *columns])}
         ledger.forget_pending_deletes(conn, [item.url for _, item in written])
@@ -194,7 +194,7 @@ def commit_metadata(conn, lease, written, result, delete_source):
         integrity.record_unverifiable(conn, lease.task_id, [row for row, _ in moved if row in unverifiable])
         crash_point("before-commit")
     if result.kept:  # the other rows may have moved in a concurrent transaction: look again, now all is committed
-        with conn.transaction():
+        with db.transaction(conn):
             late = integrity.unreferenced(conn, result.kept)
             ledger.note_pending_deletes(conn, lease.task_id, sorted(late))
         result.kept = sorted(set(result.kept) - late)
@@ -219,7 +219,7 @@ def delete_sources(conn, lease, source, committed, result):
     urls = sorted({row.content_url for row, _ in committed})
     try:
         if source.in_catalog_db:
-            with conn.transaction():
+            with db.transaction(conn):
                 ledger.confirm_lease(conn, lease)
                 errors = source.delete_many(urls)
         else:
@@ -260,7 +260,7 @@ def launch_batch(conn, lease, rows, source, dest, dest_store, last):
     items = prepare_writes(rows, found, dest, dest_store, result)
     del found  # the encoded bytes are all we hold from here on
     if dest.in_catalog_db:  # the writes join the fenced transaction and commit with it
-        with conn.transaction():
+        with db.transaction(conn):
             ledger.confirm_lease(conn, lease)
             wait = start_writes(dest, items)
     else:

@@ -12,6 +12,7 @@ import sys
 import time
 
 import psycopg
+import pytest
 
 import anchore_sim
 import devservers
@@ -29,7 +30,7 @@ class Tool:
     """anchore-objmig started in the background, in a session of its own."""
 
     def __init__(self, dsn, args, env=None, tmp_path=None, name="tool"):
-        environment = {k: v for k, v in os.environ.items() if not k.startswith(("ANCHORE", "OBJMIG_CRASH", "OBJMIG_FREEZE"))}
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(("ANCHORE", "OBJMIG_CRASH", "OBJMIG_FREEZE", "OBJMIG_SIGNAL"))}
         environment.update(env or {})
         self.log_path = tmp_path / f"{name}.log"
         self.log = open(self.log_path, "w")
@@ -331,4 +332,29 @@ def test_sigterm_and_sigint_close_the_task_at_once(db, s3, cli, tmp_path):
         rerun = cli(*migrate_args(source, dest))
     assert rerun.returncode == 0, rerun.stderr
     assert [row[0] for row in task_rows(db)] == ["failed", "failed", "complete"]
+    assert_all_readable(db, s3.client, docs)
+
+
+@pytest.mark.parametrize("name, status", [("TERM", 143), ("INT", 130)])
+def test_a_stop_inside_a_commit_lets_the_commit_finish_first(db, s3, cli, tmp_path, name, status):
+    """The signal comes while the second batch's metadata transaction is open
+    (a stop that landed inside psycopg's transaction bookkeeping used to turn
+    into "transaction rollback at the wrong nesting level", which ordinary
+    error handling caught: the stop was lost and the run went on to exit 0).
+    The transaction commits whole, then the run stops with the signal's status."""
+    docs = seed(db, 60)
+    bucket = s3.new_bucket()
+    source, dest = configs(tmp_path, s3, bucket)
+    main = Tool(cli.dsn, migrate_args(source, dest), {"OBJMIG_SIGNAL_AT": f"before-commit:2:{name}"}, tmp_path, "main")
+    code, log = main.finish()
+    assert code == status, log
+    assert "closed as failed" in log
+    assert "nesting level" not in log and "not deleted" not in log
+    moved = db.execute("SELECT sum(documents_done) FROM objmig_shards").fetchone()[0]
+    assert moved == 10, log  # both batches of 5: the one being committed when the signal came is in
+    assert sum(url.startswith(f"s3://{bucket}/") for url in urls(db)) == 10
+    assert_all_readable(db, s3.client, docs)
+    rerun = cli(*migrate_args(source, dest))
+    assert rerun.returncode == 0, rerun.stderr
+    assert [row[0] for row in task_rows(db)] == ["failed", "complete"]
     assert_all_readable(db, s3.client, docs)

@@ -37,7 +37,7 @@ class DriverContext:
             self.fence.check()
 
     def db_connection(self):
-        """The process's autocommit connection; `with conn.transaction()` scopes work."""
+        """The process's autocommit connection; `with db.transaction(conn)` scopes work."""
         from anchore_objmig import db
 
         if self._connection is None or self._connection.closed:

@@ -2,7 +2,7 @@
 
 from psycopg import sql
 
-from anchore_objmig import codec
+from anchore_objmig import codec, db
 from anchore_objmig.drivers.base import Driver
 from anchore_objmig.drivers.postgres import epoch_now, failing_all, key_arrays
 
@@ -42,7 +42,7 @@ class DbDriver(Driver):
         conn = self.context.db_connection()
         found = {}
         query = READ.format(users=sql.Literal(users), buckets=sql.Literal(buckets), ids=sql.Literal(ids))
-        with conn.transaction(), conn.cursor() as cur, cur.copy(query) as copy:
+        with db.transaction(conn), conn.cursor() as cur, cur.copy(query) as copy:
             copy.set_types(["text", "text", "text", "text", "bool"])
             for user, bucket, archive_id, jsondata, b64_encoded in copy.rows():
                 try:  # one bad row fails alone, not its whole batch
@@ -57,7 +57,7 @@ class DbDriver(Driver):
         conn = self.context.db_connection()
         now = epoch_now()
         try:
-            with conn.transaction(), conn.cursor() as cur:
+            with db.transaction(conn), conn.cursor() as cur:
                 cur.execute(STAGE)
                 with cur.copy(
                     'COPY objmig_stage_document (bucket, "archiveId", "userId", jsondata, b64_encoded, now) '
@@ -77,7 +77,7 @@ class DbDriver(Driver):
             return {}
         conn = self.context.db_connection()
         try:
-            with conn.transaction():
+            with db.transaction(conn):
                 conn.execute(DELETE, key_arrays(urls, self.scheme))
         except Exception as exc:
             return failing_all(urls, exc)

@@ -2,6 +2,8 @@
 
 from psycopg import sql
 
+from anchore_objmig import db
+
 from anchore_objmig.drivers.base import Driver
 from anchore_objmig.drivers.postgres import epoch_now, failing_all, key_arrays
 
@@ -36,7 +38,7 @@ class Db2Driver(Driver):
         conn = self.context.db_connection()
         found = {}
         query = READ.format(users=sql.Literal(users), buckets=sql.Literal(buckets), ids=sql.Literal(ids))
-        with conn.transaction(), conn.cursor() as cur, cur.copy(query) as copy:
+        with db.transaction(conn), conn.cursor() as cur, cur.copy(query) as copy:
             copy.set_types(["text", "text", "text", "bytea"])
             for user, bucket, key, content in copy.rows():
                 found[self.url_for(user, bucket, key)] = bytes(content) if content is not None else b""
@@ -48,7 +50,7 @@ class Db2Driver(Driver):
         conn = self.context.db_connection()
         now = epoch_now()
         try:
-            with conn.transaction(), conn.cursor() as cur:
+            with db.transaction(conn), conn.cursor() as cur:
                 cur.execute(STAGE)
                 with cur.copy(
                     'COPY objmig_stage_object ("userId", bucket, key, content, now) FROM STDIN (FORMAT BINARY)'
@@ -66,7 +68,7 @@ class Db2Driver(Driver):
             return {}
         conn = self.context.db_connection()
         try:
-            with conn.transaction():
+            with db.transaction(conn):
                 conn.execute(DELETE, key_arrays(urls, self.scheme))
         except Exception as exc:
             return failing_all(urls, exc)

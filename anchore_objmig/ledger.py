@@ -28,7 +28,7 @@ stale worker's write could still be in the air is taken over by a new claim.
 import socket
 from dataclasses import dataclass
 
-from anchore_objmig import db
+from anchore_objmig import db, integrity
 
 from anchore_objmig.plan import Shard
 
@@ -99,6 +99,11 @@ CREATE TABLE IF NOT EXISTS objmig_moved (
     bucket           text NOT NULL,
     size             bigint,            -- its stored size, from the metadata row
     at               timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS objmig_shared_copies (
+    task_id          integer NOT NULL REFERENCES objmig_runs (task_id) ON DELETE CASCADE,
+    url              text NOT NULL,     -- a stored copy more than one metadata row pointed at when the run began
+    PRIMARY KEY (task_id, url)
 );
 """
 
@@ -224,6 +229,8 @@ def create_run(conn, task_id, manifest, shards, lock_pid, lock_started):
                 [(task_id, s.shard_no, list(s.lower) if s.lower else None, list(s.upper) if s.upper else None,
                   s.documents, s.bytes) for s in shards],
             )
+        if manifest["delete_source"]:
+            integrity.note_shared_copies(conn, task_id)
 
 
 def has_schema(conn):
@@ -291,6 +298,7 @@ def close_run(conn, task_id, state, reason=None):
             {"task_id": task_id, "reason": reason},
         )
         conn.execute("UPDATE objmig_runs SET state = %s, updated_at = now() WHERE task_id = %s", (state, task_id))
+        conn.execute("DELETE FROM objmig_shared_copies WHERE task_id = %s", (task_id,))  # no writer left to ask
         tasks.finish_task(conn, task_id, state)
     return True
 

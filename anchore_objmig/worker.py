@@ -185,7 +185,7 @@ def commit_metadata(conn, lease, written, result, delete_source):
         ledger.note_moved(conn, lease.task_id, [row for row, _ in written if row.content_url in moved_urls])
         if delete_source:
             # A stored copy another row still points at is kept: it goes with the last row that uses it.
-            free = integrity.unreferenced(conn, old_urls)
+            free = integrity.unreferenced(conn, old_urls, lease.task_id)
             result.kept = sorted(set(old_urls) - free)
             ledger.note_pending_deletes(conn, lease.task_id, sorted(free))
         moved = [(row, item) for row, item in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]
@@ -195,7 +195,7 @@ def commit_metadata(conn, lease, written, result, delete_source):
         crash_point("before-commit")
     if result.kept:  # the other rows may have moved in a concurrent transaction: look again, now all is committed
         with db.transaction(conn):
-            late = integrity.unreferenced(conn, result.kept)
+            late = integrity.unreferenced(conn, result.kept, lease.task_id)
             ledger.note_pending_deletes(conn, lease.task_id, sorted(late))
         result.kept = sorted(set(result.kept) - late)
     committed = []

@@ -2,8 +2,11 @@
 
 Starts its own PostgreSQL (scripts/devservers.py), fills archive_metadata
 with N rows over A accounts inside PostgreSQL (generate_series: no document
-bytes, planning reads only the metadata), then times plan.cut_shards and one
-batch query per shard position (first, middle, last), and stops the server.
+bytes, planning reads only the metadata), then times plan.cut_shards, one
+batch query per shard position (first, middle, last), and the check a
+deleting run makes per batch of which old copies no other row needs (exact:
+a scan of archive_metadata; noted: against the shared copies the run noted
+at its start), and stops the server.
 
     .venv/bin/python perf/plan_scale.py --rows 1000000 --accounts 300
 """
@@ -20,7 +23,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
 import anchore_sim  # noqa: E402
 import devservers  # noqa: E402
-from anchore_objmig import plan  # noqa: E402
+from anchore_objmig import integrity, ledger, plan  # noqa: E402
 from anchore_objmig.config import StoreConfig  # noqa: E402
 from anchore_objmig.drivers import DriverContext, make_driver  # noqa: E402
 
@@ -61,8 +64,26 @@ def main():
                 started = time.monotonic()
                 batch = next(plan.shard_rows(conn, where, shard, 500))
                 print(f"batch of {len(batch)} from the {label} shard: {(time.monotonic() - started) * 1000:.1f} ms")
+            time_delete_checks(conn, shards, batch)
     finally:
         server.stop()
+
+
+def time_delete_checks(conn, shards, batch):
+    """The per-batch 'does another row still point at these copies' check, both ways."""
+    ledger.ensure_schema(conn)
+    manifest = {"source": {"location": "db://"}, "dest": {"location": "db2://"}, "buckets": None,
+                "lease_seconds": 60, "write_grace_seconds": 0, "delete_source": False}
+    ledger.create_run(conn, 1, manifest, shards, 0, None)
+    started = time.monotonic()
+    integrity.note_shared_copies(conn, 1)
+    print(f"noting the shared copies at the run's start: {time.monotonic() - started:.2f}s")
+    urls = [row[4] for row in batch]  # content_url
+    for label, task_id in (("exact", None), ("noted", 1)):
+        started = time.monotonic()
+        for _ in range(5):
+            integrity.unreferenced(conn, urls, task_id)
+        print(f"delete check for a batch of {len(urls)}, {label}: {(time.monotonic() - started) * 200:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -284,20 +284,49 @@ def land_batch(flight, conn, source, delete_source):
     return result
 
 
+# A batch's byte budget counts decoded bytes: what the worker holds once a
+# document is decompressed and re-encoded. archive_metadata.size is the length
+# of the *stored* bytes, so a zlib-compressed document is counted as this many
+# times its stored size: Anchore's JSON (zlib level 3) shrinks 5-10 times, very
+# repetitive documents more; zlib's own limit (about 1000 times) would make
+# every compressed document a batch of its own. A document that decodes to
+# more than its estimate still moves: its batch exceeds the budget by the
+# difference.
+COMPRESSED_EXPANSION = 20
+# Rows from old Anchore versions may have no size; each counts as this many
+# stored bytes (most Anchore documents are well under it).
+UNKNOWN_STORED_SIZE = 1024 * 1024
+
+
+def decoded_estimate(row):
+    """The bytes a document takes once decoded, as far as its metadata row tells."""
+    stored = row.size if row.size is not None else UNKNOWN_STORED_SIZE
+    return stored * COMPRESSED_EXPANSION if row.is_compressed else stored
+
+
 def shard_batches(conn, where, shard, batch_size, batch_bytes):
     """The shard's documents still at the source, a batch at a time: at most
-    `batch_size` documents and, but for a single large one, `batch_bytes`."""
-    return plan.shard_rows(conn, where, shard, batch_size, make=DocRow, trim=lambda rows: within_bytes(rows, batch_bytes))
+    `batch_size` documents and, but for a single large one, `batch_bytes`
+    counted in decoded bytes (decoded_estimate)."""
+    def trim(rows):
+        rows, decoded = within_bytes(rows, batch_bytes)
+        log.debug("shard %d: batch of %d documents from %s to %s, about %d bytes decoded (budget %d)",
+                  shard.shard_no, len(rows), rows[0].label, rows[-1].label, decoded, batch_bytes)
+        return rows
+
+    return plan.shard_rows(conn, where, shard, batch_size, make=DocRow, trim=trim)
 
 
 def within_bytes(rows, limit):
-    """The leading rows whose stored sizes add up to at most `limit` (at least one)."""
+    """The leading rows whose decoded sizes (estimated) add up to at most
+    `limit` (at least one row), and that estimate."""
     total = 0
     for count, row in enumerate(rows):
-        total += row.size or 0
-        if total > limit and count > 0:
-            return rows[:count]
-    return rows
+        size = decoded_estimate(row)
+        if total + size > limit and count > 0:
+            return rows[:count], total
+        total += size
+    return rows, total
 
 
 def finish_batch(spec, flight, source, conn, on_batch):

@@ -10,6 +10,8 @@
 
 import logging
 
+from anchore_objmig import db
+
 log = logging.getLogger(__name__)
 
 # The first words of a failure's reason: they say what state the document is in.
@@ -19,9 +21,9 @@ UNREADABLE = "unreadable at the source"
 UNVERIFIABLE_KIND = "unverifiable"  # objmig_failures.kind of moved, unverifiable documents
 NAMED = 200  # at most this many unverifiable documents named
 
-UNREFERENCED = """
-SELECT DISTINCT u FROM unnest(%s::text[]) AS u
- WHERE u NOT IN (SELECT m.content_url FROM archive_metadata m WHERE m.content_url = ANY(%s::text[]))
+UNREFERENCED = f"""
+SELECT DISTINCT u FROM json_array_elements_text(%s::json) AS u
+ WHERE u NOT IN (SELECT m.content_url FROM archive_metadata m WHERE m.content_url = ANY({db.TEXT_LIST.format('%s')}))
 """
 
 
@@ -31,7 +33,8 @@ def unreferenced(conn, urls):
     urls = list(urls)
     if not urls:
         return set()
-    return {row[0] for row in conn.execute(UNREFERENCED, (urls, urls))}
+    listed = db.json_list(urls)
+    return {row[0] for row in conn.execute(UNREFERENCED, (listed, listed))}
 
 
 def record_unverifiable(conn, task_id, rows):

@@ -30,12 +30,14 @@ log = logging.getLogger(__name__)
 MAX_SHARD_ATTEMPTS = 3  # a shard whose worker lost its connection this often fails
 LOCK_WAIT_SECONDS = 90  # how long workers wait for their run to get its migration lock back
 
+# The rows come as one JSON array of arrays (db.json_list): see db.TEXT_LIST for why.
 COMMIT_METADATA = """
 UPDATE archive_metadata m
    SET content_url = v.new_url, is_compressed = v.is_compressed, digest = v.digest, size = v.size,
        last_updated = %s
-  FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bool[], %s::text[],
-              %s::bigint[]) AS v(bucket, archive_id, user_id, document_name, old_url, new_url, is_compressed, digest, size)
+  FROM (SELECT e->>0 AS bucket, e->>1 AS archive_id, e->>2 AS user_id, e->>3 AS document_name, e->>4 AS old_url,
+               e->>5 AS new_url, (e->>6)::bool AS is_compressed, e->>7 AS digest, (e->>8)::bigint AS size
+          FROM json_array_elements(%s::json) AS e) AS v
  WHERE m.bucket = v.bucket AND m."archiveId" = v.archive_id AND m."userId" = v.user_id
    AND m."documentName" = v.document_name AND m.content_url = v.old_url
 RETURNING m.bucket, m."archiveId", m."userId", m."documentName"
@@ -157,28 +159,14 @@ def commit_metadata(conn, lease, written, result, delete_source):
     same fenced transaction, note the old copies to delete (see ledger.py)."""
     if not written:
         return []
-    columns = [
-        list(column)
-        for column in zip(
-            *[
-                (
-                    row.bucket,
-                    row.archive_id,
-                    row.user_id,
-                    row.document_name,
-                    row.content_url,
-                    item.url,
-                    item.stored.is_compressed,
-                    item.stored.digest,
-                    item.stored.size,
-                )
-                for row, item in written
-            ]
-        )
-    ]
+    rows = db.json_list(
+        (row.bucket, row.archive_id, row.user_id, row.document_name, row.content_url, item.url,
+         item.stored.is_compressed, item.stored.digest, item.stored.size)
+        for row, item in written
+    )
     with conn.transaction():
         ledger.confirm_lease(conn, lease)  # first: a stale worker commits nothing
-        updated = {tuple(key) for key in conn.execute(COMMIT_METADATA, [int(time.time()), *columns])}
+        updated = {tuple(key) for key in conn.execute(COMMIT_METADATA, (int(time.time()), rows))}
         ledger.forget_pending_deletes(conn, [item.url for _, item in written])
         old_urls = [row.content_url for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]
         moved_urls = set(old_urls)

@@ -117,15 +117,26 @@ def bucket_name(text):
     return text
 
 
-def size_bytes(text):
+def parse_size(text):
     units = {"k": 1024, "m": 1024**2, "g": 1024**3}
     text = text.strip().lower().removesuffix("ib").removesuffix("b")
     factor = units.get(text[-1:], 1)
     number = text[:-1] if text[-1:] in units else text
     try:
-        value = int(float(number) * factor)
+        return int(float(number) * factor)
     except ValueError:
         raise argparse.ArgumentTypeError("expected a size such as 8MiB") from None
+
+
+def batch_bytes_size(text):
+    value = parse_size(text)
+    if value < 1024 * 1024:
+        raise argparse.ArgumentTypeError("must be at least 1MiB")
+    return value
+
+
+def size_bytes(text):
+    value = parse_size(text)
     if value < 5 * 1024 * 1024:
         raise argparse.ArgumentTypeError("must be at least 5MiB (the smallest S3 multipart part)")
     return value
@@ -272,6 +283,11 @@ def add_commands(commands, manager_only=False):
                          "cgroup quota)")
     migrate.add_argument("--io-threads", type=positive_int, default=32, metavar="N", help="network threads per worker (default 32)")
     migrate.add_argument("--batch-size", type=positive_int, default=500, metavar="N", help="documents per batch (default 500)")
+    migrate.add_argument(
+        "--batch-bytes", type=batch_bytes_size, default=32 * 1024 * 1024, metavar="SIZE",
+        help="about this many decoded bytes per batch (default 32MiB; a compressed document counts as 20 times "
+        "its stored size, a row without a size as 1MiB; one larger document is a batch of its own)",
+    )
     migrate.add_argument("--shard-size", type=positive_int, default=5000, metavar="N", help="at most N documents per shard (default 5000)")
     migrate.add_argument(
         "--multipart-threshold", type=size_bytes, default=8 * 1024 * 1024, metavar="SIZE",
@@ -389,6 +405,7 @@ def dispatch(args):
             workers=args.workers,
             io_threads=args.io_threads,
             batch_size=args.batch_size,
+            batch_bytes=args.batch_bytes,
             shard_documents=args.shard_size,
             multipart_threshold=args.multipart_threshold,
             lease_seconds=args.lease_seconds,

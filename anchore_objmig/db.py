@@ -15,12 +15,24 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
+import orjson
 import psycopg
 
 from anchore_objmig import signals
 from anchore_objmig.errors import ConnectError, UsageError
 
 log = logging.getLogger(__name__)
+
+# The per-batch statements take their lists as one JSON text each, unpacked
+# by the server: psycopg turns a Python list into an array parameter element
+# by element in Python (about 2.5 us each; a 500-row metadata commit took
+# 11 ms of client CPU that way, 0.4 ms as JSON written by orjson in C).
+TEXT_LIST = "ARRAY(SELECT json_array_elements_text({}::json))"  # a text[] from json_list()
+
+
+def json_list(values):
+    """`values` (str, int, bool, None, or lists of them) as one JSON text parameter."""
+    return orjson.dumps(list(values)).decode("utf-8")
 
 # Anchore's anchore-manager takes pg_advisory_lock(2, 1) for a migration; taking
 # the same lock makes this tool and the original exclude each other.

@@ -21,9 +21,9 @@ UNREADABLE = "unreadable at the source"
 UNVERIFIABLE_KIND = "unverifiable"  # objmig_failures.kind of moved, unverifiable documents
 NAMED = 200  # at most this many unverifiable documents named
 
-UNREFERENCED = """
-SELECT DISTINCT u FROM unnest(%s::text[]) AS u
- WHERE u NOT IN (SELECT m.content_url FROM archive_metadata m WHERE m.content_url = ANY(%s::text[]))
+UNREFERENCED = f"""
+SELECT DISTINCT u FROM json_array_elements_text(%s::json) AS u
+ WHERE u NOT IN (SELECT m.content_url FROM archive_metadata m WHERE m.content_url = ANY({db.TEXT_LIST.format('%s')}))
 """
 
 # archive_metadata has no index on content_url (and the tool adds none to
@@ -56,10 +56,11 @@ def unreferenced(conn, urls, task_id=None):
         return set()
     if task_id is not None:
         shared = {row[0] for row in conn.execute(
-            "SELECT url FROM objmig_shared_copies WHERE task_id = %s AND url = ANY(%s::text[])",
-            (task_id, list(urls)))}
+            f"SELECT url FROM objmig_shared_copies WHERE task_id = %s AND url = ANY({db.TEXT_LIST.format('%s')})",
+            (task_id, db.json_list(urls)))}
         return (urls - shared) | unreferenced(conn, shared)
-    return {row[0] for row in conn.execute(UNREFERENCED, (list(urls), list(urls)))}
+    listed = db.json_list(urls)
+    return {row[0] for row in conn.execute(UNREFERENCED, (listed, listed))}
 
 
 def record_unverifiable(conn, task_id, rows):

@@ -29,7 +29,6 @@ import socket
 from dataclasses import dataclass
 
 from anchore_objmig import db, integrity
-
 from anchore_objmig.plan import Shard
 
 SCHEMA = """
@@ -523,9 +522,9 @@ def shard_counts(conn, task_id):
 def note_pending_deletes(conn, task_id, urls):
     """Inside the metadata commit's transaction: these old copies are to go."""
     conn.execute(
-        """INSERT INTO objmig_pending_deletes (url, task_id) SELECT u, %s FROM unnest(%s::text[]) AS u
+        """INSERT INTO objmig_pending_deletes (url, task_id) SELECT u, %s FROM json_array_elements_text(%s::json) AS u
            ON CONFLICT (url) DO UPDATE SET task_id = EXCLUDED.task_id, at = now()""",
-        (task_id, list(urls)),
+        (task_id, db.json_list(urls)),
     )
 
 
@@ -563,8 +562,9 @@ def note_orphaned_copies(conn, location):
 
 def forget_pending_deletes(conn, urls):
     """No copy awaits deletion at these URLs any more (deleted, or written anew)."""
-    conn.execute("DELETE FROM objmig_pending_deletes WHERE url = ANY(%s::text[])", (list(urls),))
-    conn.execute("DELETE FROM objmig_moved WHERE url = ANY(%s::text[])", (list(urls),))
+    urls = db.json_list(urls)
+    conn.execute(f"DELETE FROM objmig_pending_deletes WHERE url = ANY({db.TEXT_LIST.format('%s')})", (urls,))
+    conn.execute(f"DELETE FROM objmig_moved WHERE url = ANY({db.TEXT_LIST.format('%s')})", (urls,))
 
 
 def note_moved(conn, task_id, rows):
@@ -574,10 +574,10 @@ def note_moved(conn, task_id, rows):
     if rows:
         conn.execute(
             """INSERT INTO objmig_moved (url, task_id, bucket, size)
-               SELECT u, %s, b, s FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS v(u, b, s)
+               SELECT e->>0, %s, e->>1, (e->>2)::bigint FROM json_array_elements(%s::json) AS e
                ON CONFLICT (url) DO UPDATE SET task_id = EXCLUDED.task_id, bucket = EXCLUDED.bucket,
                                                size = EXCLUDED.size, at = now()""",
-            (task_id, [r.content_url for r in rows], [r.bucket for r in rows], [r.size for r in rows]),
+            (task_id, db.json_list((r.content_url, r.bucket, r.size) for r in rows)),
         )
 
 

@@ -41,6 +41,7 @@ class MigrateOptions:
     workers: int = 1
     io_threads: int = 32
     batch_size: int = 500
+    batch_bytes: int = 32 * 1024 * 1024  # decoded bytes (worker.decoded_estimate)
     shard_documents: int = plan.DEFAULT_SHARD_DOCUMENTS
     shard_bytes: int = plan.DEFAULT_SHARD_BYTES
     multipart_threshold: int = 8 * 1024 * 1024
@@ -294,6 +295,7 @@ def worker_spec(options, db_settings, source_store, dest_store, task_id):
         buckets=tuple(options.buckets) or None,
         delete_source=options.delete_source,
         batch_size=options.batch_size,
+        batch_bytes=options.batch_bytes,
         io_threads=options.io_threads,
         multipart_threshold=options.multipart_threshold,
     )

@@ -30,12 +30,14 @@ log = logging.getLogger(__name__)
 MAX_SHARD_ATTEMPTS = 3  # a shard whose worker lost its connection this often fails
 LOCK_WAIT_SECONDS = 90  # how long workers wait for their run to get its migration lock back
 
+# The rows come as one JSON array of arrays (db.json_list): see db.TEXT_LIST for why.
 COMMIT_METADATA = """
 UPDATE archive_metadata m
    SET content_url = v.new_url, is_compressed = v.is_compressed, digest = v.digest, size = v.size,
        last_updated = %s
-  FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bool[], %s::text[],
-              %s::bigint[]) AS v(bucket, archive_id, user_id, document_name, old_url, new_url, is_compressed, digest, size)
+  FROM (SELECT e->>0 AS bucket, e->>1 AS archive_id, e->>2 AS user_id, e->>3 AS document_name, e->>4 AS old_url,
+               e->>5 AS new_url, (e->>6)::bool AS is_compressed, e->>7 AS digest, (e->>8)::bigint AS size
+          FROM json_array_elements(%s::json) AS e) AS v
  WHERE m.bucket = v.bucket AND m."archiveId" = v.archive_id AND m."userId" = v.user_id
    AND m."documentName" = v.document_name AND m.content_url = v.old_url
 RETURNING m.bucket, m."archiveId", m."userId", m."documentName"
@@ -157,28 +159,14 @@ def commit_metadata(conn, lease, written, result, delete_source):
     same fenced transaction, note the old copies to delete (see ledger.py)."""
     if not written:
         return []
-    columns = [
-        list(column)
-        for column in zip(
-            *[
-                (
-                    row.bucket,
-                    row.archive_id,
-                    row.user_id,
-                    row.document_name,
-                    row.content_url,
-                    item.url,
-                    item.stored.is_compressed,
-                    item.stored.digest,
-                    item.stored.size,
-                )
-                for row, item in written
-            ]
-        )
-    ]
+    rows = db.json_list(
+        (row.bucket, row.archive_id, row.user_id, row.document_name, row.content_url, item.url,
+         item.stored.is_compressed, item.stored.digest, item.stored.size)
+        for row, item in written
+    )
     with db.transaction(conn):
         ledger.confirm_lease(conn, lease)  # first: a stale worker commits nothing
-        updated = {tuple(key) for key in conn.execute(COMMIT_METADATA, [int(time.time()), *columns])}
+        updated = {tuple(key) for key in conn.execute(COMMIT_METADATA, (int(time.time()), rows))}
         ledger.forget_pending_deletes(conn, [item.url for _, item in written])
         old_urls = [row.content_url for row, _ in written if (row.bucket, row.archive_id, row.user_id, row.document_name) in updated]
         moved_urls = set(old_urls)
@@ -284,20 +272,49 @@ def land_batch(flight, conn, source, delete_source):
     return result
 
 
+# A batch's byte budget counts decoded bytes: what the worker holds once a
+# document is decompressed and re-encoded. archive_metadata.size is the length
+# of the *stored* bytes, so a zlib-compressed document is counted as this many
+# times its stored size: Anchore's JSON (zlib level 3) shrinks 5-10 times, very
+# repetitive documents more; zlib's own limit (about 1000 times) would make
+# every compressed document a batch of its own. A document that decodes to
+# more than its estimate still moves: its batch exceeds the budget by the
+# difference.
+COMPRESSED_EXPANSION = 20
+# Rows from old Anchore versions may have no size; each counts as this many
+# stored bytes (most Anchore documents are well under it).
+UNKNOWN_STORED_SIZE = 1024 * 1024
+
+
+def decoded_estimate(row):
+    """The bytes a document takes once decoded, as far as its metadata row tells."""
+    stored = row.size if row.size is not None else UNKNOWN_STORED_SIZE
+    return stored * COMPRESSED_EXPANSION if row.is_compressed else stored
+
+
 def shard_batches(conn, where, shard, batch_size, batch_bytes):
     """The shard's documents still at the source, a batch at a time: at most
-    `batch_size` documents and, but for a single large one, `batch_bytes`."""
-    return plan.shard_rows(conn, where, shard, batch_size, make=DocRow, trim=lambda rows: within_bytes(rows, batch_bytes))
+    `batch_size` documents and, but for a single large one, `batch_bytes`
+    counted in decoded bytes (decoded_estimate)."""
+    def trim(rows):
+        rows, decoded = within_bytes(rows, batch_bytes)
+        log.debug("shard %d: batch of %d documents from %s to %s, about %d bytes decoded (budget %d)",
+                  shard.shard_no, len(rows), rows[0].label, rows[-1].label, decoded, batch_bytes)
+        return rows
+
+    return plan.shard_rows(conn, where, shard, batch_size, make=DocRow, trim=trim)
 
 
 def within_bytes(rows, limit):
-    """The leading rows whose stored sizes add up to at most `limit` (at least one)."""
+    """The leading rows whose decoded sizes (estimated) add up to at most
+    `limit` (at least one row), and that estimate."""
     total = 0
     for count, row in enumerate(rows):
-        total += row.size or 0
-        if total > limit and count > 0:
-            return rows[:count]
-    return rows
+        size = decoded_estimate(row)
+        if total + size > limit and count > 0:
+            return rows[:count], total
+        total += size
+    return rows, total
 
 
 def finish_batch(spec, flight, source, conn, on_batch):

@@ -1,6 +1,8 @@
-"""The raw PUT ceiling: how fast plain parallel PUTs store the same bytes.
+"""The raw PUT and GET ceilings: how fast plain parallel PUTs store the same
+bytes, and plain parallel GETs read them back.
 
-No database, no decoding, no checks beyond the HTTP status: several
+No database, no decoding, no checks beyond the HTTP status (and, for a GET,
+the length read): several
 processes (the signing and HTTP parsing are CPU work under the GIL) each run
 many threads (the waits are network). Every thread takes the next object from
 one counter shared by all processes, largest objects first, so a few huge
@@ -42,7 +44,15 @@ def minio_client(endpoint, access_key, secret_key, threads):
         client.put_object(bucket, key, io.BytesIO(data), len(data),
                           content_type="binary/octet-stream", part_size=SINGLE_PUT_LIMIT)
 
-    return put
+    def get(bucket, key):
+        response = client.get_object(bucket, key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    return put, get
 
 
 def boto3_client(endpoint, access_key, secret_key, threads):
@@ -60,12 +70,16 @@ def boto3_client(endpoint, access_key, secret_key, threads):
     def put(bucket, key, data):
         client.put_object(Bucket=bucket, Key=key, Body=data, ContentType="binary/octet-stream")
 
-    return put
+    def get(bucket, key):
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    return put, get
 
 
 def awscrt_client(endpoint, access_key, secret_key, threads):
     """AWS's C runtime client: one PUT per object with Content-MD5 (as the tool
-    sends), signed and sent in C; each thread waits on its own request."""
+    sends), one plain GET per object, signed and sent in C; each thread waits
+    on its own request."""
     import base64
     import hashlib
 
@@ -85,15 +99,31 @@ def awscrt_client(endpoint, access_key, secret_key, threads):
         client.make_request(type=s3.S3RequestType.DEFAULT, request=request,
                             operation_name="PutObject").finished_future.result(120)
 
-    return put
+    def get(bucket, key):
+        chunks = []
+        request = http.HttpRequest("GET", f"/{bucket}/{quote(key, safe='/~')}",
+                                   http.HttpHeaders([("Host", host), ("Content-Length", "0")]))
+        client.make_request(type=s3.S3RequestType.DEFAULT, request=request, operation_name="GetObject",
+                            on_body=lambda chunk, **_: chunks.append(bytes(chunk))).finished_future.result(120)
+        return b"".join(chunks)
+
+    return put, get
 
 
 CLIENTS = {"minio": minio_client, "boto3": boto3_client, "awscrt": awscrt_client}
 
 
-def uploader(kind, endpoint, access_key, secret_key, bucket, threads, counter, ready, go, results):
-    """One process: `threads` threads PUTting ITEMS[counter++] until none is left."""
-    put = CLIENTS[kind](endpoint, access_key, secret_key, threads)
+def uploader(kind, op, endpoint, access_key, secret_key, bucket, threads, counter, ready, go, results):
+    """One process: `threads` threads PUTting (or GETting) ITEMS[counter++] until none is left."""
+    put, get = CLIENTS[kind](endpoint, access_key, secret_key, threads)
+
+    def transfer(key, data):
+        if op == "put":
+            put(bucket, key, data)
+            return
+        got = len(get(bucket, key))
+        if got != len(data):
+            raise RuntimeError(f"read {got} bytes of {len(data)}")
     done = [0, 0]  # objects, bytes
     errors = []
     lock = threading.Lock()
@@ -108,7 +138,7 @@ def uploader(kind, endpoint, access_key, secret_key, bucket, threads, counter, r
                 return
             key, data = ITEMS[index]
             try:
-                put(bucket, key, data)
+                transfer(key, data)
             except Exception as exc:
                 with lock:
                     errors.append(f"{key}: {type(exc).__name__}: {exc}")
@@ -132,9 +162,9 @@ def cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
-def put_ceiling(kind, endpoint, access_key, secret_key, bucket, items, processes, threads, timeout):
+def put_ceiling(kind, endpoint, access_key, secret_key, bucket, items, processes, threads, timeout, op="put"):
     """(seconds, objects, bytes, CPU seconds the uploaders used) to PUT every (key, bytes) of `items`
-    with `processes` x `threads` uploaders."""
+    with `processes` x `threads` uploaders; with op="get", to GET each back (they must be in the bucket)."""
     global ITEMS
     ITEMS = sorted(items, key=lambda item: len(item[1]), reverse=True)
     counter = _fork.Value("q", 0)
@@ -142,8 +172,8 @@ def put_ceiling(kind, endpoint, access_key, secret_key, bucket, items, processes
     go = _fork.Event()
     results = _fork.Queue()
     procs = [
-        _fork.Process(target=uploader, name=f"put-{kind}-{n}",
-                      args=(kind, endpoint, access_key, secret_key, bucket, threads, counter, ready, go, results))
+        _fork.Process(target=uploader, name=f"{op}-{kind}-{n}",
+                      args=(kind, op, endpoint, access_key, secret_key, bucket, threads, counter, ready, go, results))
         for n in range(processes)
     ]
     try:
@@ -169,5 +199,5 @@ def put_ceiling(kind, endpoint, access_key, secret_key, bucket, items, processes
     failed = sum(o[3] for o in outcomes)
     if failed or objects != len(items):
         samples = [e for o in outcomes for e in o[2]]
-        raise RuntimeError(f"{kind} ceiling: {objects}/{len(items)} objects stored, {failed} failed: {samples[:3]}")
+        raise RuntimeError(f"{kind} {op} ceiling: {objects}/{len(items)} objects done, {failed} failed: {samples[:3]}")
     return seconds, objects, nbytes, sum(o[4] for o in outcomes)

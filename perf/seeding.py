@@ -61,8 +61,9 @@ def md5hex(data):
 # ---------------------------------------------------------------- generating
 
 
-def generate(count, seed=7, huge=0, users=("admin", "acme")):
-    """Chunks (lists) of anchore_sim.Doc: `count` realistic documents of `users`, then `huge` of 5-50 MB."""
+def generate(count, seed=7, huge=0, users=("admin", "acme"), huge_max=HUGE_MAX):
+    """Chunks (lists) of anchore_sim.Doc: `count` realistic documents of `users`, then `huge` of 5-50 MB
+    (the first of `huge_max` bytes)."""
     made = 0
     chunk_no = 0
     while made < count:
@@ -72,17 +73,17 @@ def generate(count, seed=7, huge=0, users=("admin", "acme")):
         made += size
         chunk_no += 1
     if huge:
-        yield huge_docs(huge, seed)
+        yield huge_docs(huge, seed, huge_max)
 
 
-def huge_docs(count, seed):
-    """`count` JSON documents of 5-50 MB, the first just under 50 MB."""
+def huge_docs(count, seed, largest=HUGE_MAX):
+    """`count` JSON documents of 5-50 MB, the first just under `largest` (default 50 MB)."""
     rng = random.Random(seed + 99)
     # json_document(rng, size) misses `size` by a steady factor: measure it on a small one.
     ratio = len(anchore_sim.json_document(random.Random(0), MB, 0)) / MB
     docs = []
     for n in range(count):
-        want = HUGE_MAX if n == 0 else rng.randint(HUGE_MIN, HUGE_MAX)
+        want = largest if n == 0 else rng.randint(HUGE_MIN, HUGE_MAX)
         content = anchore_sim.json_document(rng, int(want / ratio * 0.98), n)
         docs.append(anchore_sim.Doc(rng.choice(("admin", "acme")), "analysis_data",
                                     f"sha256:{rng.getrandbits(256):064x}", content))

@@ -128,6 +128,8 @@ def test_same_location_refused(db, cli, tmp_path):
     (("--bucket", ""), "must not be empty"),
     (("--workers", "0"), "at least 1"),
     (("--multipart-threshold", "1k"), "5MiB"),
+    (("--batch-bytes", "100k"), "at least 1MiB"),
+    (("--batch-bytes", "lots"), "a size such as"),
 ])
 def test_bad_migrate_flags(db, cli, tmp_path, args, message):
     a = write_config(tmp_path / "a.yaml", section("db"))

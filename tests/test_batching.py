@@ -1,0 +1,88 @@
+"""A batch's byte budget (--batch-bytes) counts decoded bytes, not stored bytes.
+
+The worker logs each batch it cuts (with --verbose): its document count and
+its first and last document. The tests rebuild each batch's documents from
+that, in archive_metadata's key order, and add up their real decoded sizes.
+"""
+
+import random
+import re
+
+import anchore_sim
+from helpers import assert_all_readable, section, write_config
+
+BUDGET = 1024 * 1024
+BATCH_LINE = re.compile(r"batch of (\d+) documents from (\S+) to (\S+),")
+
+
+def docs_of(count, size, seed):
+    rng = random.Random(seed)
+    return [anchore_sim.Doc("admin", "analysis_data", f"sha256:{n:04d}{seed}",
+                            anchore_sim.json_document(rng, size, n)) for n in range(count)]
+
+
+def key_order(db, scheme):
+    """The archiveIds still at `scheme`, in archive_metadata's key order (the order of batches)."""
+    return [row[0] for row in db.execute(
+        """SELECT "archiveId" FROM archive_metadata WHERE starts_with(content_url, %s)
+           ORDER BY bucket, "archiveId", "userId", "documentName" """, (scheme,))]
+
+
+def batches_from_log(stderr, order):
+    """The archiveIds of every batch the worker cut, from its debug lines."""
+    batches = []
+    for count, first, last in BATCH_LINE.findall(stderr):
+        start = order.index(first.rsplit("/", 1)[1])
+        batch = order[start:start + int(count)]
+        assert batch[-1] == last.rsplit("/", 1)[1]
+        batches.append(batch)
+    return batches
+
+
+def assert_within_budget(batches, docs):
+    decoded = {doc.archive_id: len(doc.content) for doc in docs}
+    assert sorted(a for batch in batches for a in batch) == sorted(decoded)  # every document in one batch
+    for batch in batches:
+        if len(batch) > 1:  # one document larger than the budget is a batch of its own
+            assert sum(decoded[a] for a in batch) <= BUDGET, [decoded[a] for a in batch]
+
+
+def test_compressed_documents_are_budgeted_by_their_decoded_size(db, s3, cli, tmp_path):
+    """Compressed S3 objects of ~300 KB decode to what a db destination holds;
+    counted by their stored ~55 KB, some 19 would share a 1 MiB batch (5 MiB decoded)."""
+    docs = docs_of(30, 300 * 1024, seed=1)
+    bucket = s3.new_bucket()
+    anchore_sim.store(db, s3.location(bucket, compress=True), docs)
+    stored = [row[0] for row in db.execute("SELECT size FROM archive_metadata WHERE is_compressed")]
+    assert len(stored) == 30 and sum(stored) < BUDGET * 2  # stored bytes alone would fit in two batches
+    order = key_order(db, "s3://")
+    source = write_config(tmp_path / "s3.yaml", section("s3", s3.driver_config(bucket), compress=True))
+    dest = write_config(tmp_path / "db.yaml", section("db"))
+    result = cli("--verbose", "migrate", source, dest, "--dontask", "--workers", "1", "--batch-bytes", "1MiB")
+    assert result.returncode == 0, result.stderr
+    assert_within_budget(batches_from_log(result.stderr, order), docs)
+    assert_all_readable(db, s3.client, docs)
+
+
+def test_plain_documents_fill_the_budget_and_rows_without_size_count(db, cli, tmp_path):
+    """Uncompressed documents count their own size (batches of several); rows
+    without a size (old Anchore versions) are not counted as nothing."""
+    docs = docs_of(12, 200 * 1024, seed=2)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    order = key_order(db, "db://")
+    source = write_config(tmp_path / "db.yaml", section("db"))
+    dest = write_config(tmp_path / "db2.yaml", section("db2"))
+    result = cli("--verbose", "migrate", source, dest, "--dontask", "--workers", "1", "--batch-bytes", "1MiB")
+    assert result.returncode == 0, result.stderr
+    batches = batches_from_log(result.stderr, order)
+    assert_within_budget(batches, docs)
+    assert max(len(batch) for batch in batches) >= 4  # ~205 KB each: four or five to a 1 MiB batch
+
+    more = docs_of(12, 200 * 1024, seed=3)
+    anchore_sim.store(db, anchore_sim.Location("db"), more)
+    db.execute("UPDATE archive_metadata SET size = NULL WHERE content_url LIKE 'db://%'")
+    order = key_order(db, "db://")
+    result = cli("--verbose", "migrate", source, dest, "--dontask", "--workers", "1", "--batch-bytes", "1MiB")
+    assert result.returncode == 0, result.stderr
+    assert_within_budget(batches_from_log(result.stderr, order), more)
+    assert_all_readable(db, None, docs + more)

@@ -1,0 +1,334 @@
+"""Reading and writing one document in pieces, for documents too large to
+hold whole (see anchore_objmig/streaming.py, which strings these together).
+
+Readers yield the document's *stored* bytes in order, a slice at a time:
+- PostgreSQL hands a COPY row over whole, so db and db2 values are read in
+  slices server-side (`substring`), each slice its own short statement on a
+  connection of their own, checking that the row did not change between them.
+- S3: a HEAD, then ranged GETs, each checked against the length asked for and
+  the object's ETag, so a short, cut-off or changed body never passes.
+
+Sinks store the destination bytes as they come:
+- S3: one PUT with Content-MD5 if it all fits in one part, else a multipart
+  upload, each part with its Content-MD5, the fence checked before every part
+  and before completing, and the finished object's ETag checked.
+- db/db2: a COPY FROM STDIN (text format) into Anchore's table, escaped piece
+  by piece, so the server, not this process, holds the value; it commits only
+  after the caller's final checks (digest, lease).
+"""
+
+import base64
+import binascii
+import codecs
+import logging
+import random
+import time
+
+from anchore_objmig import codec
+from anchore_objmig.drivers import s3_crt
+from anchore_objmig.drivers.base import NotFound
+from anchore_objmig.drivers.postgres import epoch_now, split_url
+from anchore_objmig.drivers.s3 import CONTENT_TYPE, split_s3_url
+from anchore_objmig.errors import StorageError
+from anchore_objmig.faults import crash_point
+
+log = logging.getLogger(__name__)
+
+SLICE = 8 * 1024 * 1024  # bytes (or characters) per read from a backend
+B64_LINE = 57  # bytes per MIME base64 line (76 characters and a newline)
+B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+B64_IGNORED = bytes(b for b in range(256) if b not in B64_ALPHABET)  # what b64decode skips (newlines)
+
+
+class Changed(StorageError):
+    """The stored value changed while it was being read in slices."""
+
+
+# -- readers --------------------------------------------------------------
+def db_key(url, scheme):
+    user, bucket, archive_id = split_url(url, scheme)
+    return {"u": user, "b": bucket, "a": archive_id}
+
+
+def read_db(conn, url):
+    """The stored bytes of an archive_document row (base64 decoded when b64_encoded)."""
+    key = db_key(url, "db")
+    head = conn.execute(
+        """SELECT "documentName", b64_encoded, char_length(jsondata), last_updated FROM archive_document
+           WHERE "userId" = %(u)s AND bucket = %(b)s AND "archiveId" = %(a)s ORDER BY "documentName" LIMIT 1""",
+        key).fetchone()
+    if head is None:
+        raise NotFound(f"no document at {url}")
+    name, b64, length, stamp = head
+    decoder = B64Decoder() if b64 else None
+    for start in range(1, (length or 0) + 1, SLICE):
+        # bytea in binary: the slice's UTF-8 bytes as they are, no str in between
+        found = conn.execute(
+            """SELECT convert_to(substring(jsondata from %(s)s for %(n)s), 'UTF8'), last_updated
+               FROM archive_document WHERE "userId" = %(u)s AND bucket = %(b)s AND "archiveId" = %(a)s
+                 AND "documentName" = %(d)s""",
+            {**key, "d": name, "s": start, "n": SLICE}, binary=True).fetchone()
+        if found is None or found[1] != stamp:
+            raise Changed(f"{url} changed while it was read")
+        yield decoder.feed(bytes(found[0])) if decoder else bytes(found[0])
+    if decoder:
+        yield decoder.end()
+
+
+def read_db2(conn, url):
+    """The bytes of an object_storage row."""
+    key = db_key(url, "db2")
+    where = """"userId" = %(u)s AND bucket = %(b)s AND key = %(a)s AND version = ''"""
+    head = conn.execute(f"SELECT octet_length(content), last_updated FROM object_storage WHERE {where}", key).fetchone()
+    if head is None:
+        raise NotFound(f"no document at {url}")
+    length, stamp = head
+    for start in range(1, (length or 0) + 1, SLICE):
+        found = conn.execute(f"SELECT substring(content from %(s)s for %(n)s), last_updated FROM object_storage "
+                             f"WHERE {where}", {**key, "s": start, "n": SLICE}, binary=True).fetchone()
+        if found is None or found[1] != stamp:
+            raise Changed(f"{url} changed while it was read")
+        yield bytes(found[0])
+
+
+class B64Decoder:
+    """base64.b64decode piece by piece: what it skips (newlines) is skipped,
+    whole groups of 4 characters are decoded, the rest waits for the next piece."""
+
+    def __init__(self):
+        self.rest = b""
+
+    def feed(self, text):
+        text = self.rest + text.translate(None, B64_IGNORED)
+        cut = len(text) - len(text) % 4
+        self.rest = text[cut:]
+        return self.decode(text[:cut])
+
+    def end(self):
+        if self.rest:
+            raise codec.CorruptDocument("b64_encoded but not valid base64: Incorrect padding")
+        return b""
+
+    @staticmethod
+    def decode(text):
+        try:
+            return binascii.a2b_base64(text)
+        except binascii.Error as exc:
+            raise codec.CorruptDocument(f"b64_encoded but not valid base64: {exc}") from None
+
+
+class S3Reader:
+    """An S3 object in ranged GETs; `proven` once its bytes hashed to an MD5 ETag."""
+
+    def __init__(self, driver, url):
+        self.driver, self.url = driver, url
+        self.bucket, self.key = split_s3_url(url)
+        self.attempts = int(driver.store.driver_config.get("max_attempts", 5))
+        self.proven = False
+
+    def __iter__(self):
+        _, headers, _ = self.retried(lambda: self.driver.fast.request("HeadObject", "HEAD", self.bucket, self.key))
+        length = int(headers.get("content-length") or 0)
+        etag = headers.get("etag")
+        md5_etag = s3_crt.plain_md5_etag(headers)
+        md5 = codec.md5_of(b"")
+        for start in range(0, length, SLICE):
+            end = min(start + SLICE, length) - 1
+            data = self.retried(lambda: self.slice(start, end, length, etag))
+            md5.update(data)
+            yield data
+        if md5_etag is not None:
+            if md5.hexdigest() != md5_etag:  # the parts were each whole, but not of one object
+                raise StorageError(f"cannot read {self.url}: the bytes read do not hash to its ETag {md5_etag}")
+            self.proven = True
+
+    def slice(self, start, end, length, etag):
+        _, headers, data = self.driver.fast.request("GetObject", "GET", self.bucket, self.key,
+                                                    headers=[("Range", f"bytes={start}-{end}")])
+        if headers.get("etag") != etag:
+            raise Changed(f"{self.url} changed while it was read (ETag {etag}, then {headers.get('etag')})")
+        if len(data) != end - start + 1 or not headers.get("content-range", "").endswith(f"/{length}"):
+            raise s3_crt.TruncatedBody("ShortBody", f"bytes {start}-{end}: read {len(data)} bytes")
+        return data
+
+    def retried(self, request):
+        """Short, cut-off and reset bodies are read again, with backoff, as read_one does."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return request()
+            except s3_crt.HotPathError as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject"):
+                    raise NotFound(f"no object at {self.url}") from None
+                retry = exc.retryable or exc.code in s3_crt.CUT_OFF
+                if retry and attempt < self.attempts:
+                    log.warning("reading %s again (attempt %d of %d): %s", self.url, attempt + 1, self.attempts, exc)
+                    time.sleep(min(0.25 * 2 ** attempt, 4) * random.uniform(0.5, 1.0))
+                    continue
+                tries = f" (after {attempt} attempts)" if retry else ""
+                raise StorageError(f"cannot read {self.url}{tries}: {exc}") from None
+
+
+# -- sinks ------------------------------------------------------------------
+class S3Sink:
+    """Stored bytes to an S3 object: one PUT, or a multipart upload once they
+    outgrow one part. Parts go up a few at a time on the driver's part pool."""
+
+    def __init__(self, driver, url, fence):
+        self.driver, self.url, self.fence = driver, url, fence
+        self.bucket, self.key = split_s3_url(url)
+        self.buffer = bytearray()
+        self.upload_id = None
+        self.parts = []  # futures of (md5, etag), in part order
+
+    def write(self, data):
+        self.buffer += data
+        while len(self.buffer) > self.driver.part_size:  # ">": a last part of exactly part_size stays one PUT
+            part = bytes(self.buffer[:self.driver.part_size])
+            del self.buffer[:self.driver.part_size]
+            self.send(part)
+
+    def send(self, part):
+        if self.upload_id is None:
+            self.fence()
+            self.upload_id = self.driver.fast.create_multipart(self.bucket, self.key, CONTENT_TYPE)
+        while len(self.parts) - sum(f.done() for f in self.parts) >= 2:  # bounded: two parts in memory at once
+            next(f for f in self.parts if not f.done()).result()
+        number = len(self.parts) + 1
+        self.parts.append(self.driver.parts_executor().submit(self.upload_part, number, part))
+        failed = next((f for f in self.parts if f.done() and f.exception()), None)
+        if failed is not None:
+            raise failed.exception()
+
+    def upload_part(self, number, part):
+        self.fence()  # no part leaves once this process may no longer write
+        md5 = codec.md5_of(part).digest()
+        etag = self.driver.fast.upload_part(self.bucket, self.key, self.upload_id, number, part, md5)
+        crash_point("stream-chunk")
+        return md5, etag
+
+    def finish(self, stored):
+        """Send the rest and make the object visible; `stored` (a codec.Stored
+        without data) is what it must be."""
+        if self.upload_id is None:
+            self.fence()
+            self.driver.fast.put(self.bucket, self.key, bytes(self.buffer), bytes.fromhex(stored.digest), CONTENT_TYPE)
+            crash_point("stream-chunk")
+            return
+        if self.buffer:
+            self.send(bytes(self.buffer))
+            self.buffer = bytearray()
+        md5s, etags = zip(*(future.result() for future in self.parts))
+        self.fence()  # completing is what makes the object visible
+        etag, encrypted = self.driver.fast.complete_multipart(self.bucket, self.key, self.upload_id, etags)
+        self.upload_id = None
+        expected = f"{codec.md5_of(b''.join(md5s)).hexdigest()}-{len(md5s)}"
+        if not encrypted and etag.strip('"').lower() != expected:
+            raise StorageError(f"{self.url}: the finished upload's ETag {etag} is not {expected}, the one its parts make")
+
+    def abort(self):
+        for future in self.parts:
+            future.cancel()
+        for future in self.parts:  # parts in the air land (or fail) before the abort frees them all
+            if not future.cancelled():
+                try:
+                    future.result()
+                except BaseException:  # noqa: BLE001 - the first error is already on its way
+                    pass
+        if self.upload_id is not None:
+            try:
+                self.driver.fast.abort_multipart(self.bucket, self.key, self.upload_id)
+            except Exception:  # noqa: BLE001 - the original error is the one worth reporting
+                log.warning("could not abort the multipart upload of %s; the next run aborts it", self.url)
+
+
+COPY_ESCAPES = ((b"\\", b"\\\\"), (b"\n", b"\\n"), (b"\r", b"\\r"), (b"\t", b"\\t"))
+
+
+def copy_escape(data):
+    """Bytes as a field of COPY's text format."""
+    for raw, escaped in COPY_ESCAPES:
+        data = data.replace(raw, escaped)
+    return data
+
+
+def copy_field(text):
+    return copy_escape(text.encode("utf-8"))
+
+
+class NotText(Exception):
+    """The document is not UTF-8 text without NUL: archive_document wants it base64."""
+
+
+class DbSink:
+    """Stored bytes into archive_document: as text while they are UTF-8
+    without NUL (NotText otherwise, and the caller starts again with b64=True),
+    or base64 with newlines, exactly as codec.to_db_text would store them."""
+
+    def __init__(self, copy, url, b64):
+        self.copy, self.b64 = copy, b64
+        user, bucket, archive_id = split_url(url, "db")
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.pending = b""  # base64: bytes not yet a whole number of lines
+        now = str(epoch_now()).encode()
+        self.tail = b"\t" + (b"t" if b64 else b"f") + b"\t" + now + b"\t" + now + b"\tactive\n"
+        copy.write(b"\t".join(copy_field(v) for v in (bucket, archive_id, user, archive_id + ".json")) + b"\t")
+
+    columns = '(bucket, "archiveId", "userId", "documentName", jsondata, b64_encoded, created_at, last_updated, record_state_key)'
+    table = "archive_document"
+
+    @staticmethod
+    def delete(conn, url):
+        conn.execute("""DELETE FROM archive_document WHERE "userId" = %(u)s AND bucket = %(b)s AND "archiveId" = %(a)s""",
+                     db_key(url, "db"))
+
+    def write(self, data):
+        if self.b64:
+            data = self.pending + data
+            cut = len(data) - len(data) % B64_LINE
+            self.pending = data[cut:]
+            self.copy.write(copy_escape(base64.encodebytes(data[:cut])))
+        else:
+            if b"\x00" in data:
+                raise NotText("NUL byte")
+            try:
+                self.utf8.decode(data)
+            except UnicodeDecodeError:
+                raise NotText("not UTF-8") from None
+            self.copy.write(copy_escape(data))
+        crash_point("stream-chunk")
+
+    def end(self):
+        if self.b64:
+            self.copy.write(copy_escape(base64.encodebytes(self.pending)))
+        else:
+            try:
+                self.utf8.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise NotText("not UTF-8") from None
+        self.copy.write(self.tail)
+
+
+class Db2Sink:
+    """Stored bytes into object_storage.content (bytea, hex in COPY's text format)."""
+
+    columns = '("userId", bucket, key, version, object_metadata, content, created_at, last_updated)'
+    table = "object_storage"
+
+    def __init__(self, copy, url, b64=False):
+        self.copy = copy
+        user, bucket, key = split_url(url, "db2")
+        now = str(epoch_now()).encode()
+        self.tail = b"\t" + now + b"\t" + now + b"\n"
+        copy.write(b"\t".join(copy_field(v) for v in (user, bucket, key)) + b"\t\t\\N\t\\\\x")
+
+    @staticmethod
+    def delete(conn, url):
+        conn.execute("""DELETE FROM object_storage WHERE "userId" = %(u)s AND bucket = %(b)s AND key = %(a)s
+                        AND version = ''""", db_key(url, "db2"))
+
+    def write(self, data):
+        self.copy.write(data.hex().encode("ascii"))
+        crash_point("stream-chunk")
+
+    def end(self):
+        self.copy.write(self.tail)

@@ -3,8 +3,8 @@ hold whole (see anchore_objmig/streaming.py, which strings these together).
 
 Readers yield the document's *stored* bytes in order, a slice at a time:
 - PostgreSQL hands a COPY row over whole, so db and db2 values are read in
-  slices server-side (`substring`), each slice its own short statement on a
-  connection of their own, checking that the row did not change between them.
+  slices server-side (`substring`), on a connection of their own, from a copy
+  of the value taken in one statement.
 - S3: a HEAD, then ranged GETs, each checked against the length asked for and
   the object's ETag, so a short, cut-off or changed body never passes.
 
@@ -45,6 +45,25 @@ class Changed(StorageError):
 
 
 # -- readers --------------------------------------------------------------
+# A value read in slices straight from Anchore's table would cost PostgreSQL a
+# decompression of everything before each slice (TOAST compresses large
+# values): quadratic in the size. So the value is first copied, in one
+# statement (one snapshot: the slices are of one version), into a temporary
+# table of this session that stores it uncompressed, where each slice costs
+# only its own size.
+STAGE = """CREATE TEMP TABLE IF NOT EXISTS objmig_stream_value (v bytea, b64 boolean);
+           ALTER TABLE objmig_stream_value ALTER COLUMN v SET STORAGE EXTERNAL;
+           TRUNCATE objmig_stream_value"""
+STAGE_DB = """INSERT INTO objmig_stream_value
+              SELECT convert_to(coalesce(jsondata, ''), 'UTF8'), b64_encoded FROM archive_document
+               WHERE "userId" = %(u)s AND bucket = %(b)s AND "archiveId" = %(a)s ORDER BY "documentName" LIMIT 1
+              RETURNING b64, octet_length(v)"""
+STAGE_DB2 = """INSERT INTO objmig_stream_value
+               SELECT coalesce(content, ''::bytea) || ''::bytea, false FROM object_storage
+                WHERE "userId" = %(u)s AND bucket = %(b)s AND key = %(a)s AND version = ''
+               RETURNING b64, octet_length(v)"""  # || makes a fresh, uncompressed value
+
+
 def db_key(url, scheme):
     user, bucket, archive_id = split_url(url, scheme)
     return {"u": user, "b": bucket, "a": archive_id}
@@ -52,43 +71,32 @@ def db_key(url, scheme):
 
 def read_db(conn, url):
     """The stored bytes of an archive_document row (base64 decoded when b64_encoded)."""
-    key = db_key(url, "db")
-    head = conn.execute(
-        """SELECT "documentName", b64_encoded, char_length(jsondata), last_updated FROM archive_document
-           WHERE "userId" = %(u)s AND bucket = %(b)s AND "archiveId" = %(a)s ORDER BY "documentName" LIMIT 1""",
-        key).fetchone()
-    if head is None:
-        raise NotFound(f"no document at {url}")
-    name, b64, length, stamp = head
-    decoder = B64Decoder() if b64 else None
-    for start in range(1, (length or 0) + 1, SLICE):
-        # bytea in binary: the slice's UTF-8 bytes as they are, no str in between
-        found = conn.execute(
-            """SELECT convert_to(substring(jsondata from %(s)s for %(n)s), 'UTF8'), last_updated
-               FROM archive_document WHERE "userId" = %(u)s AND bucket = %(b)s AND "archiveId" = %(a)s
-                 AND "documentName" = %(d)s""",
-            {**key, "d": name, "s": start, "n": SLICE}, binary=True).fetchone()
-        if found is None or found[1] != stamp:
-            raise Changed(f"{url} changed while it was read")
-        yield decoder.feed(bytes(found[0])) if decoder else bytes(found[0])
-    if decoder:
-        yield decoder.end()
+    return read_staged(conn, url, STAGE_DB, db_key(url, "db"))
 
 
 def read_db2(conn, url):
     """The bytes of an object_storage row."""
-    key = db_key(url, "db2")
-    where = """"userId" = %(u)s AND bucket = %(b)s AND key = %(a)s AND version = ''"""
-    head = conn.execute(f"SELECT octet_length(content), last_updated FROM object_storage WHERE {where}", key).fetchone()
+    return read_staged(conn, url, STAGE_DB2, db_key(url, "db2"))
+
+
+def read_staged(conn, url, stage, key):
+    conn.execute(STAGE)
+    head = conn.execute(stage, key).fetchone()
     if head is None:
         raise NotFound(f"no document at {url}")
-    length, stamp = head
-    for start in range(1, (length or 0) + 1, SLICE):
-        found = conn.execute(f"SELECT substring(content from %(s)s for %(n)s), last_updated FROM object_storage "
-                             f"WHERE {where}", {**key, "s": start, "n": SLICE}, binary=True).fetchone()
-        if found is None or found[1] != stamp:
-            raise Changed(f"{url} changed while it was read")
-        yield bytes(found[0])
+    b64, length = head
+    decoder = B64Decoder() if b64 else None
+    try:
+        for start in range(1, length + 1, SLICE):
+            # binary: the slice's bytes as they are, no hex text in between
+            data = bytes(conn.execute("SELECT substring(v from %s for %s) FROM objmig_stream_value", (start, SLICE),
+                                      binary=True).fetchone()[0])
+            yield decoder.feed(data) if decoder else data
+        if decoder:
+            yield decoder.end()
+    finally:
+        if not conn.closed:
+            conn.execute("TRUNCATE objmig_stream_value")
 
 
 class B64Decoder:

@@ -10,6 +10,7 @@ Anchore-like documents, and measures (see perf/README.md for why each):
   e   peak RSS of the tool's largest process during (a) db -> s3
   f   this tool db -> s3 with 1, 2 and 4 workers
   g   cost per document at two archive sizes (only with --scale or --scale-docs)
+  m   peak memory moving one 300 MB document db -> s3 and s3 -> db, compressed in S3 (with --huge, or --rows m)
 
 Every measurement starts from freshly reset tables and a fresh S3 bucket, and
 every tool run is followed by a read-back of every document (it fails loudly
@@ -60,7 +61,7 @@ CPUS = len(os.sched_getaffinity(0))
 TARGET_CEILING = 0.8  # db -> s3 at least 0.8 x the raw PUT ceiling
 TARGET_SQL = 0.5  # db -> db2 at least 0.5 x the in-database SQL move
 TARGET_BASELINE = 10.0  # at least 10 x the sequential baseline
-TARGET_RSS_MB = 400  # peak RSS of the largest process, with documents up to 50 MB
+TARGET_RSS_MB = 400  # peak RSS of the largest process, with documents up to 50 MB, and with one of 300 MB
 TARGET_ACCOUNTS = 1.3  # cost per document with 300 accounts at most 1.3 x with 3
 TARGET_FLAT = 1.2  # cost per document at the large size at most 1.2 x the small size's
 
@@ -302,6 +303,8 @@ class Bench:
         args = self.args
         if "h" in args.rows:
             self.row_h()
+        if "m" in args.rows:
+            self.row_m()
         if not set(args.rows) & set("abcdfg"):
             return
         self.log(f"generating {args.docs} documents" + (f" + {args.huge} huge ones" if args.huge else ""))
@@ -434,6 +437,28 @@ class Bench:
                              **{k: v for k, v in run.items() if "rss" not in k}}))
             self.reset()
 
+    def row_m(self):
+        """(m): one very large document alone, db -> s3 and back, compressed in S3: the peak RSS of
+        every process of the tool (it streams documents that size) against the target."""
+        args = self.args
+        self.log(f"m: generating one document of about {args.huge_doc_mb} MB")
+        doc = seeding.one_huge_doc(args.huge_doc_mb * MB)
+        docset = self.seed_db([[doc]])
+        bucket = self.new_bucket()
+        s3_config = self.config(f"s3-{bucket}", "s3", {
+            "access_key": self.s3.access_key, "secret_key": self.s3.secret_key,
+            "url": self.s3.endpoint, "region": False, "bucket": bucket}, compress=True)
+        for what, source, dest, where in (("db→s3", self.config("db", "db"), s3_config, f"s3://{bucket}/"),
+                                          ("s3→db", s3_config, self.config("db", "db"), "db://")):
+            what = f"anchore-objmig {what}, one {len(doc.content) / MB:.0f} MB document, compressed in S3"
+            self.log(f"m: {what}")
+            run = self.run_tool(what, source, dest, args.workers)
+            seeding.verify(self.dsn, self.client, docset, where)
+            self.add(Result("m", what, 1, len(doc.content), run["seconds"],
+                            {"workers": args.workers, "document_mb": round(len(doc.content) / MB, 1), **run}))
+        self.drop_bucket(bucket)
+        self.reset()
+
     def profile(self):
         """Profile one db -> s3 run with --workers 1 (the worker loop runs in the main process)."""
         args = self.args
@@ -545,6 +570,13 @@ def ratio_rows(results, machine):
     else:
         rows.append((name, "not run (row a)", None))
 
+    for run in by.get("m", []):
+        direction = "db→s3" if "db→s3" in run.what else "s3→db"
+        name = f"peak RSS < {TARGET_RSS_MB} MB with one {run.extra['document_mb']:.0f} MB document, {direction}"
+        peak = max(v for v in (run.extra.get("peak_rss_mb"), run.extra.get("rusage_maxrss_mb"), 0) if v is not None)
+        rows.append((name, f"{peak:.0f} MB ({run.extra.get('peak_rss_process')} process; whole tree "
+                           f"{run.extra.get('peak_tree_rss_mb')} MB)", peak < TARGET_RSS_MB))
+
     name = f"cost per document flat 10k→100k (≤ {TARGET_FLAT} ×)"
     scale = by.get("g", [])
     if len(scale) >= 2:
@@ -610,7 +642,10 @@ def markdown(results, targets, machine, args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, help="documents for rows a-f (default 3000; 500 with --quick)")
-    parser.add_argument("--huge", type=int, default=0, metavar="K", help="add K documents of 5-50 MB (the first ~50 MB)")
+    parser.add_argument("--huge", type=int, default=0, metavar="K",
+                        help="add K documents of 5-50 MB (the first ~50 MB), and run row m")
+    parser.add_argument("--huge-doc-mb", type=int, default=300, metavar="MB",
+                        help="the size of row m's one document (default 300)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run: 500 documents, baseline stopped after 20 s")
     parser.add_argument("--scale", action="store_true", help="row g at 10000 and 100000 documents")
     parser.add_argument("--scale-docs", metavar="A,B", help="row g at these sizes instead, e.g. 2000,20000")
@@ -621,7 +656,7 @@ def parse_args(argv=None):
     parser.add_argument("--put-procs", type=int, default=CPUS, help=f"ceiling uploader processes (default {CPUS})")
     parser.add_argument("--put-threads", type=int, default=16, help="ceiling threads per uploader process (default 16)")
     parser.add_argument("--baseline-seconds", type=float, help="stop the sequential baseline after this long (default 120; 20 with --quick)")
-    parser.add_argument("--rows", default="abcdfgh", help="which rows to run (default abcdfgh; e is part of a)")
+    parser.add_argument("--rows", default="abcdfgh", help="which rows to run (default abcdfgh, and m with --huge; e is part of a)")
     parser.add_argument("--accounts-docs", type=int, default=20_000,
                         help="documents of row h, spread over 3 and over 300 accounts (default 20000)")
     parser.add_argument("--profile", action="store_true",
@@ -631,6 +666,8 @@ def parse_args(argv=None):
     parser.add_argument("--time-limit", type=float, help="seconds the whole benchmark may take (default 1 h, 3 h with --scale)")
     args = parser.parse_args(argv)
     args.docs = args.docs if args.docs is not None else 500 if args.quick else 3000
+    if args.huge and "m" not in args.rows:
+        args.rows += "m"
     if args.baseline_seconds is None:
         args.baseline_seconds = 20.0 if args.quick else 120.0
     args.worker_counts = [int(n) for n in args.worker_counts.split(",") if n.strip()]

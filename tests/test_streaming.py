@@ -207,3 +207,23 @@ def test_killed_mid_copy_into_the_database_loses_nothing_and_the_rerun_finishes(
     assert_stored_as_anchore_would(db, s3, docs, False)
     assert s3.keys(bucket) == []
     assert task_rows(db)[-1][0] == "complete"
+
+
+def test_streamed_between_the_two_database_drivers(db, cli, tmp_path):
+    """db → db2 → db: read in slices on one connection while a COPY writes on the other."""
+    docs = seed_docs()
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    db_cfg = write_config(tmp_path / "db.yaml", section("db"))
+    db2_cfg = write_config(tmp_path / "db2.yaml", section("db2", compress=True))
+    big = {f"admin/analysis_data/{doc.archive_id}" for doc in docs[:3]}
+    for source, dest, scheme in ((db_cfg, db2_cfg, "db2://"), (db2_cfg, db_cfg, "db://")):
+        result = cli("migrate", source, dest, "--dontask", "--workers", "1", env=STREAM)
+        assert result.returncode == 0, result.stderr
+        assert big <= streamed(result.stderr)
+        assert all(url.startswith(scheme) for url in urls(db))
+        assert_all_readable(db, None, docs)
+    assert db.execute("SELECT count(*) FROM object_storage").fetchone()[0] == 0
+    for doc in docs:
+        jsondata, b64 = db.execute('SELECT jsondata, b64_encoded FROM archive_document WHERE "archiveId" = %s',
+                                   (doc.archive_id,)).fetchone()
+        assert (jsondata, b64) == anchore_sim.db_text(doc.content), doc.archive_id

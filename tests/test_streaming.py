@@ -227,3 +227,44 @@ def test_streamed_between_the_two_database_drivers(db, cli, tmp_path):
         jsondata, b64 = db.execute('SELECT jsondata, b64_encoded FROM archive_document WHERE "archiveId" = %s',
                                    (doc.archive_id,)).fetchone()
         assert (jsondata, b64) == anchore_sim.db_text(doc.content), doc.archive_id
+
+
+def test_a_frozen_stream_is_fenced_before_it_completes_its_upload(db, s3, cli, tmp_path):
+    """A joiner frozen with every part of a streamed document uploaded wakes up
+    after its shard was taken over and finished: it aborts, it does not complete."""
+    from test_run_integrity import FAST, LEASE, Tool
+
+    docs = seed_docs()[:3] + anchore_sim.make_docs(4, seed=42)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:  # main and joiner alike: one endpoint, so the joiner may join
+        source = write_config(tmp_path / "a.yaml", section("db"))
+        dest = write_config(tmp_path / "b.yaml", section("s3", through_proxy(s3, proxy, bucket, **FAST)))
+        args = ["migrate", source, dest, "--dontask", "--workers", "1", "--progress", "none", *LEASE, *PART]
+        main = Tool(cli.dsn, args, {**STREAM, "OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
+        joiner = None
+        try:
+            main.wait_stopped()
+            joiner = Tool(cli.dsn, [*args, "--join"], {**STREAM, "OBJMIG_FREEZE_AT": "stream-complete:1"},
+                          tmp_path, "joiner")
+            joiner.wait_stopped()
+            parts = [path for method, path, *_ in proxy.seen if method == "PUT" and "partNumber=" in path]
+            assert len(parts) == 3 and all("big-binary" in path for path in parts)
+            main.resume()
+            code, log = main.finish()
+            assert code == 0, log
+            assert "took over shard" in log
+            before = len(proxy.seen)
+        finally:  # never leave a stopped process behind
+            for tool in (main, joiner):
+                if tool is not None and tool.process.poll() is None:
+                    tool.resume()
+        code, log = joiner.finish()
+        after = [(method, path) for method, path, *_ in proxy.seen[before:]]
+    assert code != 0, log
+    assert "stops writing" in log
+    assert not any(method == "POST" and "uploadId=" in path for method, path in after), after  # never completed
+    assert [method for method, path in after if "big-binary" in path] == ["DELETE"]  # its upload aborted
+    assert_all_readable(db, s3.client, docs)
+    assert len(s3.keys(bucket)) == len(docs)
+    assert s3.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []

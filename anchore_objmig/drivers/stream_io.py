@@ -226,6 +226,7 @@ class S3Sink:
             self.send(bytes(self.buffer))
             self.buffer = bytearray()
         md5s, etags = zip(*(future.result() for future in self.parts))
+        crash_point("stream-complete")
         self.fence()  # completing is what makes the object visible
         etag, encrypted = self.driver.fast.complete_multipart(self.bucket, self.key, self.upload_id, etags)
         self.upload_id = None

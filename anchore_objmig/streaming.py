@@ -56,8 +56,8 @@ class StreamedStored:
 class Restart(Exception):
     """A guess made at the start was wrong: move the document again with `changes`."""
 
-    def __init__(self, **changes):
-        super().__init__(", ".join(changes))
+    def __init__(self, why, **changes):
+        super().__init__(why)
         self.changes = changes
 
 
@@ -154,7 +154,7 @@ def attempt(conn, lease, row, url, source, dest, dest_store, allowed, compress, 
                 sink.write(encoder.end())
                 sink.end()
             except stream_io.NotText as exc:
-                raise Restart(b64=True) from exc
+                raise Restart(f"{exc}: archive_document stores it base64", b64=True) from exc
             stored = settle(encoder, pieces, dest_store, allowed, compress)
         fence()
         ledger.confirm_lease(conn, lease)  # a stale worker commits nothing
@@ -172,7 +172,8 @@ def settle(encoder, pieces, dest_store, allowed, compress):
     """The stored copy's metadata, once the source was proven whole and the guesses right."""
     pieces.check()
     if compress != (allowed and pieces.plain_size > dest_store.compression_threshold):
-        raise Restart(compress=not compress)
+        raise Restart(f"{pieces.plain_size} bytes plain: {'not ' if compress else ''}above min_size_kbytes, "
+                      f"so {'not ' if compress else ''}compressed", compress=not compress)
     return StreamedStored(is_compressed=compress, digest=encoder.md5.hexdigest(), size=encoder.size)
 
 

@@ -105,7 +105,7 @@ def test_streamed_through_db2_with_a_wrong_compression_guess(db, s3, cli, tmp_pa
     db2_cfg = write_config(tmp_path / "db2.yaml", section("db2", compress=True, min_size_kbytes=8000))
     result = cli("migrate", s3_cfg, db2_cfg, "--dontask", "--workers", "1", *PART, env=STREAM)
     assert result.returncode == 0, result.stderr
-    assert "streaming it again (compress)" in result.stderr
+    assert "bytes plain: not above min_size_kbytes, so not compressed)" in result.stderr
     assert_all_readable(db, s3.client, docs)
     rows = dict(db.execute('SELECT "archiveId", is_compressed FROM archive_metadata').fetchall())
     assert rows["big-binary"] is True and rows["big-json-0"] is False  # 11 MiB > 8000 KiB > ~3 MB

@@ -298,11 +298,11 @@ class DbSink:
             self.copy.write(copy_escape(base64.encodebytes(data[:cut])))
         else:
             if b"\x00" in data:
-                raise NotText("NUL byte")
+                raise NotText("it holds a NUL byte")
             try:
                 self.utf8.decode(data)
             except UnicodeDecodeError:
-                raise NotText("not UTF-8") from None
+                raise NotText("it is not UTF-8 text") from None
             self.copy.write(copy_escape(data))
         crash_point("stream-chunk")
 
@@ -313,7 +313,7 @@ class DbSink:
             try:
                 self.utf8.decode(b"", final=True)
             except UnicodeDecodeError:
-                raise NotText("not UTF-8") from None
+                raise NotText("it is not UTF-8 text") from None
         self.copy.write(self.tail)
 
 

@@ -73,8 +73,16 @@ def can_stream(source, dest):
     return source.name in READERS and dest.name in READERS
 
 
-def is_large(row):
-    return row.size is not None and row.size > THRESHOLD
+def large_rows(conn, source, dest, rows):
+    """The rows to stream: stored size above THRESHOLD. Rows with no size (old
+    Anchore versions) in PostgreSQL are measured there; elsewhere they are read
+    whole (a compressed one still streams if it decompresses past THRESHOLD)."""
+    if not can_stream(source, dest):
+        return []
+    unknown = [row.content_url for row in rows if row.size is None]
+    measured = stream_io.sizes_in_db(conn, source.scheme, unknown) if unknown and source.in_catalog_db else {}
+    return [row for row in rows
+            if (row.size if row.size is not None else measured.get(row.content_url, 0)) > THRESHOLD]
 
 
 def move(conn, lease, rows, source, dest, dest_store, result):

@@ -263,7 +263,7 @@ def launch_batch(conn, lease, rows, source, dest, dest_store, last):
     result = BatchResult()
     # Documents too large to hold whole are streamed one at a time, first, and
     # join the batch's items already written; see streaming.py.
-    large = [row for row in rows if streaming.is_large(row)] if streaming.can_stream(source, dest) else []
+    large = streaming.large_rows(conn, source, dest, rows)
     too_large = [] if streaming.can_stream(source, dest) else None
     if large:
         ledger.confirm_lease(conn, lease)

@@ -268,3 +268,22 @@ def test_a_frozen_stream_is_fenced_before_it_completes_its_upload(db, s3, cli, t
     assert_all_readable(db, s3.client, docs)
     assert len(s3.keys(bucket)) == len(docs)
     assert s3.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_rows_without_size_are_measured_in_the_database_and_streamed(db, s3, cli, tmp_path):
+    docs = seed_docs()
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    # As old Anchore versions left them: no size; one with no digest either.
+    db.execute("""UPDATE archive_metadata SET size = NULL WHERE "archiveId" LIKE 'big-%'""")
+    db.execute("""UPDATE archive_metadata SET digest = NULL WHERE "archiveId" = 'big-json-0'""")
+    bucket = s3.new_bucket()
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket), compress=True))
+    result = cli("migrate", source, dest, "--dontask", "--workers", "1", *PART, env=STREAM)
+    assert result.returncode == 0, result.stderr
+    assert "streaming admin/analysis_data/big-binary (size unknown)" in result.stderr
+    assert {f"admin/analysis_data/{doc.archive_id}" for doc in docs[:3]} <= streamed(result.stderr)
+    unverifiable = [line for line in result.stderr.splitlines() if "UNVERIFIABLE" in line]
+    assert len(unverifiable) == 1 and "big-json-0" in unverifiable[0]
+    assert_all_readable(db, s3.client, docs)
+    assert_stored_as_anchore_would(db, s3, docs, True)  # digest and size recorded again

@@ -64,6 +64,24 @@ STAGE_DB2 = """INSERT INTO objmig_stream_value
                RETURNING b64, octet_length(v)"""  # || makes a fresh, uncompressed value
 
 
+SIZES = {  # stored sizes without reading the values (octet_length reads only the TOAST header)
+    "db": """SELECT k.url, octet_length(d.jsondata) FROM archive_document d
+             JOIN unnest(%s::text[], %s::text[], %s::text[], %s::text[]) AS k(url, u, b, a)
+               ON d."userId" = k.u AND d.bucket = k.b AND d."archiveId" = k.a""",
+    "db2": """SELECT k.url, octet_length(o.content) FROM object_storage o
+              JOIN unnest(%s::text[], %s::text[], %s::text[], %s::text[]) AS k(url, u, b, a)
+                ON o."userId" = k.u AND o.bucket = k.b AND o.key = k.a AND o.version = ''""",
+}
+
+
+def sizes_in_db(conn, scheme, urls):
+    """{url: bytes the value takes in its table} (for db, of its text: base64 is 4/3 of the stored bytes)."""
+    keys = [(url, *split_url(url, scheme)) for url in urls]
+    if not keys:
+        return {}
+    return {url: size or 0 for url, size in conn.execute(SIZES[scheme], [list(column) for column in zip(*keys)])}
+
+
 def db_key(url, scheme):
     user, bucket, archive_id = split_url(url, scheme)
     return {"u": user, "b": bucket, "a": archive_id}

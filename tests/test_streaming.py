@@ -287,3 +287,17 @@ def test_rows_without_size_are_measured_in_the_database_and_streamed(db, s3, cli
     assert len(unverifiable) == 1 and "big-json-0" in unverifiable[0]
     assert_all_readable(db, s3.client, docs)
     assert_stored_as_anchore_would(db, s3, docs, True)  # digest and size recorded again
+
+
+def test_streamed_from_one_bucket_to_another(db, s3, cli, tmp_path):
+    docs = seed_docs()
+    bucket, other = s3.new_bucket(), s3.new_bucket()
+    anchore_sim.store(db, s3.location(bucket, compress=True), docs)
+    source = write_config(tmp_path / "a.yaml", section("s3", s3.driver_config(bucket), compress=True))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(other, prefix="p/")))
+    result = cli("migrate", source, dest, "--dontask", "--workers", "1", *PART, env=STREAM)
+    assert result.returncode == 0, result.stderr
+    assert {f"admin/analysis_data/{doc.archive_id}" for doc in docs[:3]} <= streamed(result.stderr)
+    assert s3.keys(bucket) == [] and len(s3.keys(other)) == len(docs)
+    assert_all_readable(db, s3.client, docs)
+    assert_stored_as_anchore_would(db, s3, docs, False)

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 # variable lowers it for the tests.
 THRESHOLD = int(os.environ.get("OBJMIG_STREAM_THRESHOLD") or 32 * 1024 * 1024)
 PIECE = stream_io.SLICE  # at most this many decompressed bytes at a time (a zlib bomb stays a stream)
-READERS = {"db": "db", "db2": "db2", "s3": "s3"}  # drivers that can be read and written as streams
+STREAMABLE = {"db", "db2", "s3", "localfs"}  # drivers that can be read and written as streams
 
 
 @dataclass(frozen=True)
@@ -70,17 +70,21 @@ class SourceFailed(Exception):
 
 
 def can_stream(source, dest):
-    return source.name in READERS and dest.name in READERS
+    return source.name in STREAMABLE and dest.name in STREAMABLE
 
 
 def large_rows(conn, source, dest, rows):
     """The rows to stream: stored size above THRESHOLD. Rows with no size (old
-    Anchore versions) in PostgreSQL are measured there; elsewhere they are read
-    whole (a compressed one still streams if it decompresses past THRESHOLD)."""
+    Anchore versions) in PostgreSQL or localfs are measured there; in S3 they
+    are read whole (a compressed one still streams if it decompresses past THRESHOLD)."""
     if not can_stream(source, dest):
         return []
     unknown = [row.content_url for row in rows if row.size is None]
-    measured = stream_io.sizes_in_db(conn, source.scheme, unknown) if unknown and source.in_catalog_db else {}
+    measured = {}
+    if unknown and source.in_catalog_db:
+        measured = stream_io.sizes_in_db(conn, source.scheme, unknown)
+    elif unknown and source.name == "localfs":
+        measured = stream_io.sizes_of_files(unknown)
     return [row for row in rows
             if (row.size if row.size is not None else measured.get(row.content_url, 0)) > THRESHOLD]
 
@@ -132,8 +136,8 @@ def attempt(conn, lease, row, url, source, dest, dest_store, allowed, compress, 
     encoder = Encoder(compress)
     fence = dest.context.check_fence
     progress = getattr(dest.context.fence, "progress", lambda: None)
-    if dest.name == "s3":
-        sink = stream_io.S3Sink(dest, url, fence)
+    if not dest.in_catalog_db:
+        sink = (stream_io.S3Sink if dest.name == "s3" else stream_io.FileSink)(dest, url, fence)
         try:
             for piece in pieces:
                 sink.write(encoder.feed(piece))
@@ -172,6 +176,8 @@ def attempt(conn, lease, row, url, source, dest, dest_store, allowed, compress, 
 def open_reader(source, url):
     if source.name == "s3":
         return stream_io.S3Reader(source, url)
+    if source.name == "localfs":
+        return stream_io.read_file(url)
     read = stream_io.read_db if source.name == "db" else stream_io.read_db2
     return read(source.context.reader_connection(), url)
 

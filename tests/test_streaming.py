@@ -301,3 +301,35 @@ def test_streamed_from_one_bucket_to_another(db, s3, cli, tmp_path):
     assert s3.keys(bucket) == [] and len(s3.keys(other)) == len(docs)
     assert_all_readable(db, s3.client, docs)
     assert_stored_as_anchore_would(db, s3, docs, False)
+
+
+def test_streamed_through_localfs(db, s3, cli, tmp_path):
+    """db → localfs → s3 → db, compressed on localfs and in S3; a kill in the
+    middle of a file leaves a temporary file the rerun removes."""
+    docs = seed_docs()
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = s3.new_bucket()
+    directory = tmp_path / "archive"
+    db_cfg = write_config(tmp_path / "db.yaml", section("db"))
+    fs_cfg = write_config(tmp_path / "fs.yaml", section("localfs", {"archive_data_dir": str(directory)}, compress=True))
+    s3_cfg = write_config(tmp_path / "s3.yaml", section("s3", s3.driver_config(bucket), compress=True))
+    big = {f"admin/analysis_data/{doc.archive_id}" for doc in docs[:3]}
+
+    killed = cli("migrate", db_cfg, fs_cfg, "--dontask", "--workers", "1", env={**STREAM, "OBJMIG_CRASH_AT": "stream-chunk:2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len([path for path in directory.rglob(".objmig-*")]) == 1  # the file it was writing
+    assert_all_readable(db, s3.client, docs)
+    logs = []
+    for source, dest, scheme in ((db_cfg, fs_cfg, "file://"), (fs_cfg, s3_cfg, "s3://"), (s3_cfg, db_cfg, "db://")):
+        if source == fs_cfg:  # as old Anchore versions left rows: no size, so the file is measured
+            db.execute("""UPDATE archive_metadata SET size = NULL WHERE "archiveId" = 'big-binary'""")
+        result = cli("migrate", source, dest, "--dontask", "--workers", "1", *PART, env=STREAM)
+        assert result.returncode == 0, result.stderr
+        assert big <= streamed(result.stderr)
+        assert all(url.startswith(scheme) for url in urls(db))
+        assert_all_readable(db, s3.client, docs)
+        logs.append(result.stderr)
+    assert "removed 1 temporary files" in logs[0]
+    assert "streaming admin/analysis_data/big-binary (size unknown)" in logs[1]  # measured on disk
+    assert [path for path in directory.rglob("*") if path.is_file()] == []
+    assert_stored_as_anchore_would(db, s3, docs, False)

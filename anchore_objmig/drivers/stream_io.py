@@ -1,14 +1,15 @@
 """Reading and writing one document in pieces, for documents too large to
 hold whole (see anchore_objmig/streaming.py, which strings these together).
 
-Readers yield the document's *stored* bytes in order, a slice at a time:
+Readers yield the document's *stored* bytes in order, a slice at a time
+(a localfs file is simply read in slices):
 - PostgreSQL hands a COPY row over whole, so db and db2 values are read in
   slices server-side (`substring`), on a connection of their own, from a copy
   of the value taken in one statement.
 - S3: a HEAD, then ranged GETs, each checked against the length asked for and
   the object's ETag, so a short, cut-off or changed body never passes.
 
-Sinks store the destination bytes as they come:
+Sinks store the destination bytes as they come (localfs: as write_one does):
 - S3: one PUT with Content-MD5 if it all fits in one part, else a multipart
   upload, each part with its Content-MD5, the fence checked before every part
   and before completing, and the finished object's ETag checked.
@@ -21,11 +22,13 @@ import base64
 import binascii
 import codecs
 import logging
+import os
 import random
+import tempfile
 import time
 
 from anchore_objmig import codec
-from anchore_objmig.drivers import s3_crt
+from anchore_objmig.drivers import localfs, s3_crt
 from anchore_objmig.drivers.base import NotFound
 from anchore_objmig.drivers.postgres import epoch_now, split_url
 from anchore_objmig.drivers.s3 import CONTENT_TYPE, split_s3_url
@@ -82,6 +85,17 @@ def sizes_in_db(conn, scheme, urls):
     return {url: size or 0 for url, size in conn.execute(SIZES[scheme], [list(column) for column in zip(*keys)])}
 
 
+def sizes_of_files(urls):
+    """{url: size} of the localfs files that exist."""
+    sizes = {}
+    for url in urls:
+        try:
+            sizes[url] = os.path.getsize(localfs.path_of(url))
+        except OSError:
+            pass  # read (and reported) with its batch
+    return sizes
+
+
 def db_key(url, scheme):
     user, bucket, archive_id = split_url(url, scheme)
     return {"u": user, "b": bucket, "a": archive_id}
@@ -115,6 +129,18 @@ def read_staged(conn, url, stage, key):
     finally:
         if not conn.closed:
             conn.execute("TRUNCATE objmig_stream_value")
+
+
+def read_file(url):
+    """A localfs document's bytes."""
+    try:
+        with open(localfs.path_of(url), "rb") as handle:
+            while data := handle.read(SLICE):
+                yield data
+    except FileNotFoundError:
+        raise NotFound(f"no file at {url}") from None
+    except OSError as exc:
+        raise StorageError(f"cannot read {url}: {exc.strerror}") from None
 
 
 class B64Decoder:
@@ -266,6 +292,42 @@ class S3Sink:
                 self.driver.fast.abort_multipart(self.bucket, self.key, self.upload_id)
             except Exception:  # noqa: BLE001 - the original error is the one worth reporting
                 log.warning("could not abort the multipart upload of %s; the next run aborts it", self.url)
+
+
+class FileSink:
+    """Stored bytes to a localfs file as localfs.write_one writes one: a
+    temporary file beside it, fsynced, renamed into place once the fence allows,
+    the directories synced."""
+
+    def __init__(self, driver, url, fence):
+        self.driver, self.fence = driver, fence
+        self.path = localfs.path_of(url)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd, self.temporary = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=localfs.temp_prefix())
+        self.handle = os.fdopen(fd, "wb")
+
+    def write(self, data):
+        self.handle.write(data)
+        crash_point("stream-chunk")
+
+    def finish(self, stored):
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.chmod(self.temporary, 0o644)
+        crash_point("stream-complete")
+        self.fence()
+        os.replace(self.temporary, self.path)
+        self.temporary = None
+        localfs.sync_directories(os.path.dirname(self.path), self.driver.directory)
+
+    def abort(self):
+        self.handle.close()
+        if self.temporary is not None:
+            try:
+                os.unlink(self.temporary)
+            except FileNotFoundError:
+                pass
 
 
 COPY_ESCAPES = ((b"\\", b"\\\\"), (b"\n", b"\\n"), (b"\r", b"\\r"), (b"\t", b"\\t"))

@@ -2,17 +2,17 @@
 
 A document whose stored size is above THRESHOLD (or whose decoded size turns
 out to be, see codec.decode's `limit`) is never held in memory: its stored
-bytes are read a slice at a time (drivers/stream_io.py), hashed, decompressed
-and recompressed incrementally, and written as they come (multipart parts to
-S3, a COPY FROM STDIN into PostgreSQL). Memory stays a few slices whatever
-the document's size.
+bytes are read a slice at a time (drivers/stream_read.py), hashed, decompressed
+and recompressed incrementally, and written as they come (drivers/stream_write.py:
+multipart parts to S3, a COPY FROM STDIN into PostgreSQL, a localfs temporary
+file). Memory stays a few slices whatever the document's size.
 
 The safety order is the batch's: the destination copy is written and
 confirmed, and the source digest and size checked, before the copy is made
-visible (an S3 upload completed, a COPY committed); the metadata row and the
-source delete then go through the batch's own commit_metadata and
-delete_sources (worker.land_batch), so a streamed document is one more item
-of its batch. A document whose source fails its checks leaves no copy behind.
+visible (an S3 upload completed, a COPY committed, a file renamed); the
+metadata row and the source delete then go through the batch's own
+commit_metadata and delete_sources (worker.land_batch), so a streamed
+document is one more item of its batch. A document whose source fails its checks leaves no copy behind.
 
 Two choices depend on the whole document: archive_document stores text only
 if all of it is UTF-8 without NUL, and compression applies only above
@@ -30,7 +30,7 @@ import psycopg
 
 from anchore_objmig import codec, integrity, ledger
 from anchore_objmig.drivers import NotFound, WriteItem
-from anchore_objmig.drivers import stream_io
+from anchore_objmig.drivers import stream_read, stream_write
 from anchore_objmig.errors import StorageError
 from anchore_objmig.ledger import LeaseLost
 
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 # no document held whole is larger than a batch may be. The environment
 # variable lowers it for the tests.
 THRESHOLD = int(os.environ.get("OBJMIG_STREAM_THRESHOLD") or 32 * 1024 * 1024)
-PIECE = stream_io.SLICE  # at most this many decompressed bytes at a time (a zlib bomb stays a stream)
+PIECE = stream_read.SLICE  # at most this many decompressed bytes at a time (a zlib bomb stays a stream)
 STREAMABLE = {"db", "db2", "s3", "localfs"}  # drivers that can be read and written as streams
 
 
@@ -82,9 +82,9 @@ def large_rows(conn, source, dest, rows):
     unknown = [row.content_url for row in rows if row.size is None]
     measured = {}
     if unknown and source.in_catalog_db:
-        measured = stream_io.sizes_in_db(conn, source.scheme, unknown)
+        measured = stream_read.sizes_in_db(conn, source.scheme, unknown)
     elif unknown and source.name == "localfs":
-        measured = stream_io.sizes_of_files(unknown)
+        measured = stream_read.sizes_of_files(unknown)
     return [row for row in rows
             if (row.size if row.size is not None else measured.get(row.content_url, 0)) > THRESHOLD]
 
@@ -119,8 +119,8 @@ def move_one(conn, lease, row, url, source, dest, dest_store):
     """(StreamedStored, proven) of one document written to `url`."""
     allowed = dest_store.compression_enabled and dest.supports_compression
     # Plain size is the stored size when the source is not compressed; a compressed one decompresses to more.
-    guess = {"compress": allowed and (row.is_compressed or row.size is None or row.size > dest_store.compression_threshold),
-             "b64": False}
+    bigger = row.is_compressed or row.size is None or row.size > dest_store.compression_threshold
+    guess = {"compress": allowed and bigger, "b64": False}
     for _ in range(3):
         try:
             return attempt(conn, lease, row, url, source, dest, dest_store, allowed, **guess)
@@ -137,7 +137,7 @@ def attempt(conn, lease, row, url, source, dest, dest_store, allowed, compress, 
     fence = dest.context.check_fence
     progress = getattr(dest.context.fence, "progress", lambda: None)
     if not dest.in_catalog_db:
-        sink = (stream_io.S3Sink if dest.name == "s3" else stream_io.FileSink)(dest, url, fence)
+        sink = (stream_write.S3Sink if dest.name == "s3" else stream_write.FileSink)(dest, url, fence)
         try:
             for piece in pieces:
                 sink.write(encoder.feed(piece))
@@ -149,7 +149,7 @@ def attempt(conn, lease, row, url, source, dest, dest_store, allowed, compress, 
             sink.abort()
             raise
         return stored, pieces.proven
-    kind = stream_io.DbSink if dest.name == "db" else stream_io.Db2Sink
+    kind = stream_write.DbSink if dest.name == "db" else stream_write.Db2Sink
     fence()
     # Not fenced in the database until the end: confirm_lease locks the shard
     # row, which would hold up the heartbeat for the whole stream.
@@ -165,7 +165,7 @@ def attempt(conn, lease, row, url, source, dest, dest_store, allowed, compress, 
                     progress()
                 sink.write(encoder.end())
                 sink.end()
-            except stream_io.NotText as exc:
+            except stream_write.NotText as exc:
                 raise Restart(f"{exc}: archive_document stores it base64", b64=True) from exc
             stored = settle(encoder, pieces, dest_store, allowed, compress)
         fence()
@@ -175,10 +175,10 @@ def attempt(conn, lease, row, url, source, dest, dest_store, allowed, compress, 
 
 def open_reader(source, url):
     if source.name == "s3":
-        return stream_io.S3Reader(source, url)
+        return stream_read.S3Reader(source, url)
     if source.name == "localfs":
-        return stream_io.read_file(url)
-    read = stream_io.read_db if source.name == "db" else stream_io.read_db2
+        return stream_read.read_file(url)
+    read = stream_read.read_db if source.name == "db" else stream_read.read_db2
     return read(source.context.reader_connection(), url)
 
 

@@ -31,7 +31,8 @@ def big_json(n, size):
 
 
 def seed_docs():
-    docs = [anchore_sim.Doc("admin", "analysis_data", f"big-json-{n}", big_json(n, 3_000_000 + n * 500_000)) for n in range(2)]
+    docs = [anchore_sim.Doc("admin", "analysis_data", f"big-json-{n}", big_json(n, 3_000_000 + n * 500_000))
+            for n in range(2)]
     # incompressible and not UTF-8: multipart even after zlib, base64 in archive_document
     docs.append(anchore_sim.Doc("admin", "analysis_data", "big-binary", random.Random(9).randbytes(11 * 1024 * 1024)))
     docs += anchore_sim.make_docs(20, seed=41)  # small ones share the batches, on the whole-document path
@@ -82,7 +83,8 @@ def test_large_documents_stream_db_to_s3_and_back_byte_identical(db, s3, cli, tm
     assert_stored_as_anchore_would(db, s3, docs, compress)
 
     with FaultProxy(s3.endpoint) as proxy:  # to see how the way back reads
-        back_cfg = write_config(tmp_path / "back.yaml", section("s3", through_proxy(s3, proxy, bucket), compress=compress))
+        proxied = section("s3", through_proxy(s3, proxy, bucket), compress=compress)
+        back_cfg = write_config(tmp_path / "back.yaml", proxied)
         back = cli("migrate", back_cfg, db_cfg, "--dontask", "--workers", "1", *PART, env=STREAM)
         ranged = {path for method, path, headers, _ in proxy.seen if method == "GET" and "Range" in headers}
     assert back.returncode == 0, back.stderr
@@ -315,7 +317,8 @@ def test_streamed_through_localfs(db, s3, cli, tmp_path):
     s3_cfg = write_config(tmp_path / "s3.yaml", section("s3", s3.driver_config(bucket), compress=True))
     big = {f"admin/analysis_data/{doc.archive_id}" for doc in docs[:3]}
 
-    killed = cli("migrate", db_cfg, fs_cfg, "--dontask", "--workers", "1", env={**STREAM, "OBJMIG_CRASH_AT": "stream-chunk:2"})
+    killed = cli("migrate", db_cfg, fs_cfg, "--dontask", "--workers", "1",
+                 env={**STREAM, "OBJMIG_CRASH_AT": "stream-chunk:2"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert len([path for path in directory.rglob(".objmig-*")]) == 1  # the file it was writing
     assert_all_readable(db, s3.client, docs)

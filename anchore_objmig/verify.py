@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from psycopg import sql
 
-from anchore_objmig import codec, db, logs, metrics, plan
+from anchore_objmig import codec, db, logs, metrics, plan, streaming
 from anchore_objmig.config import load_store_config
 from anchore_objmig.display import ProgressDisplay, human_bytes, print_json
 from anchore_objmig.drivers import DocRow, DriverContext, NotFound, make_driver
@@ -84,6 +84,13 @@ class ReadOnlyContext(DriverContext):
             conn.execute("SET default_transaction_read_only = on")
         return conn
 
+    def reader_connection(self):
+        fresh = self._reader is None or self._reader.closed
+        conn = super().reader_connection()
+        if fresh:  # streamed reads write only their own temporary table, explicitly (stream_read.own_table)
+            conn.execute("SET default_transaction_read_only = on")
+        return conn
+
 
 def location_filter(driver, buckets):
     """WHERE condition (alias m) for the documents stored in `driver`'s location."""
@@ -133,10 +140,12 @@ class Verifier:
         """Count the good documents into `report`; the others as (row, reason)."""
         if not rows:
             return []
-        found = self.read(row.content_url for row in rows)
+        # Documents too large to hold whole are read as streams (streaming.check).
+        large = set(streaming.large_rows(self.context.db_connection(), self.driver, self.driver, rows))
+        found = self.read(row.content_url for row in rows if row not in large)
         suspects = []
         for row in rows:
-            reason = problem(row, found.get(row.content_url))
+            reason = streaming.check(self.driver, row) if row in large else problem(row, found.get(row.content_url))
             if reason:
                 suspects.append((row, reason))
             else:

@@ -336,3 +336,30 @@ def test_streamed_through_localfs(db, s3, cli, tmp_path):
     assert "streaming admin/analysis_data/big-binary (size unknown)" in logs[1]  # measured on disk
     assert [path for path in directory.rglob("*") if path.is_file()] == []
     assert_stored_as_anchore_would(db, s3, docs, False)
+
+
+def test_verify_reads_large_documents_as_streams(db, s3, cli, tmp_path):
+    docs = seed_docs()
+    bucket = s3.new_bucket()
+    anchore_sim.store(db, s3.location(bucket, compress=True), docs[:3] + docs[5:])
+    anchore_sim.store(db, anchore_sim.Location("db"), docs[3:5])
+    db.execute("""UPDATE archive_metadata SET digest = md5('other') WHERE "archiveId" = 'big-json-0'""")
+    s3.client.delete_object(Bucket=bucket, Key="admin/analysis_data/big-json-1")
+    s3_cfg = write_config(tmp_path / "s3.yaml", section("s3", s3.driver_config(bucket), compress=True))
+    result = cli("verify", s3_cfg, env=STREAM)
+    assert result.returncode == 1, result.stderr
+    assert "checking admin/analysis_data/big-binary (" in result.stderr  # 11 MiB: read in ranges
+    bad = sorted(line for line in result.stderr.splitlines() if "BAD " in line)
+    assert len(bad) == 2, result.stderr
+    assert "big-json-0" in bad[0] and "digest mismatch" in bad[0]
+    assert "big-json-1" in bad[1] and "not found" in bad[1]
+
+    # archive_document rows, read in slices by a session that is read-only but for its own temporary table
+    anchore_sim.reset_tables(db)
+    anchore_sim.store(db, anchore_sim.Location("db"), [doc for doc in docs if doc.archive_id != "big-json-1"])
+    db.execute("""UPDATE archive_document SET jsondata = jsondata || ' ' WHERE "archiveId" = 'big-json-0'""")
+    result = cli("verify", write_config(tmp_path / "db.yaml", section("db")), env=STREAM)
+    assert result.returncode == 1, result.stderr
+    assert "checking admin/analysis_data/big-binary (" in result.stderr
+    bad = [line for line in result.stderr.splitlines() if "BAD " in line]
+    assert len(bad) == 1 and "big-json-0" in bad[0] and "digest mismatch" in bad[0], result.stderr

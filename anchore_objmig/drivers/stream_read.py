@@ -43,6 +43,7 @@ class Changed(StorageError):
 STAGE = """CREATE TEMP TABLE IF NOT EXISTS objmig_stream_value (v bytea, b64 boolean);
            ALTER TABLE objmig_stream_value ALTER COLUMN v SET STORAGE EXTERNAL;
            TRUNCATE objmig_stream_value"""
+CLEAR = "TRUNCATE objmig_stream_value"  # frees its space at once (DELETE would leave it to a VACUUM)
 STAGE_DB = """INSERT INTO objmig_stream_value
               SELECT convert_to(coalesce(jsondata, ''), 'UTF8'), b64_encoded FROM archive_document
                WHERE "userId" = %(u)s AND bucket = %(b)s AND "archiveId" = %(a)s ORDER BY "documentName" LIMIT 1
@@ -97,8 +98,17 @@ def read_db2(conn, url):
     return read_staged(conn, url, STAGE_DB2, db_key(url, "db2"))
 
 
+def own_table(conn, statement):
+    """Run `statement` on this session's own temporary table in a read-write
+    transaction, also in a session otherwise read-only (verify's): it touches
+    nothing but that table, which no other session can see."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION READ WRITE")
+        conn.execute(statement)
+
+
 def read_staged(conn, url, stage, key):
-    conn.execute(STAGE)
+    own_table(conn, STAGE)
     head = conn.execute(stage, key).fetchone()
     if head is None:
         raise NotFound(f"no document at {url}")
@@ -114,7 +124,7 @@ def read_staged(conn, url, stage, key):
             yield decoder.end()
     finally:
         if not conn.closed:
-            conn.execute("TRUNCATE objmig_stream_value")
+            own_table(conn, CLEAR)
 
 
 def read_file(url):

@@ -7,7 +7,9 @@ backend and checked as Anchore checks it: MD5 of the stored bytes against
 `is_compressed`. The work is cut into shards as a migration's is and spread
 over worker processes, but nothing is written anywhere: no task rows, no
 tool tables; every database session is read-only, so the server itself
-refuses a write.
+refuses a write (a large document streamed out of PostgreSQL passes through
+the reading session's own temporary table, written in explicit read-write
+transactions; see drivers/stream_read.py).
 
 A document that looks bad is looked up again before it is named: Anchore
 may be running and may have rewritten or removed it meanwhile.

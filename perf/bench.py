@@ -10,7 +10,7 @@ Anchore-like documents, and measures (see perf/README.md for why each):
   e   peak RSS of the tool's largest process during (a) db -> s3
   f   this tool db -> s3 with 1, 2 and 4 workers
   g   cost per document at two archive sizes (only with --scale or --scale-docs)
-  m   peak memory moving one 300 MB document db -> s3 and s3 -> db, compressed in S3 (with --huge, or --rows m)
+  m   peak memory moving one 300 MB document db -> s3, verify, s3 -> db, compressed in S3 (--huge, or --rows m)
 
 Every measurement starts from freshly reset tables and a fresh S3 bucket, and
 every tool run is followed by a read-back of every document (it fails loudly
@@ -222,10 +222,11 @@ class Bench:
         }, compress=self.args.compress)
 
     # -- running the tool ---------------------------------------------------
-    def run_tool(self, label, from_config, to_config, workers, profile=None):
-        """Run `anchore-objmig migrate` as an operator would; wall seconds and what it used."""
-        tool = [sys.executable, "-m", "anchore_objmig", "--db-connect", self.dsn, "migrate",
-                from_config, to_config, "--dontask", "--workers", str(workers)]
+    def run_tool(self, label, from_config, to_config, workers, profile=None, command=None):
+        """Run `anchore-objmig migrate` (or `command`, a list of arguments) as an operator
+        would; wall seconds and what it used."""
+        command = command or ["migrate", from_config, to_config, "--dontask"]
+        tool = [sys.executable, "-m", "anchore_objmig", "--db-connect", self.dsn, *command, "--workers", str(workers)]
         if self.args.io_threads:
             tool += ["--io-threads", str(self.args.io_threads)]
         if profile:  # (kind, output path): run under py-spy or cProfile
@@ -438,8 +439,8 @@ class Bench:
             self.reset()
 
     def row_m(self):
-        """(m): one very large document alone, db -> s3 and back, compressed in S3: the peak RSS of
-        every process of the tool (it streams documents that size) against the target."""
+        """(m): one very large document alone, db -> s3, verify, and back, compressed in S3: the peak
+        RSS of every process of the tool (it streams documents that size) against the target."""
         args = self.args
         self.log(f"m: generating one document of about {args.huge_doc_mb} MB")
         doc = seeding.one_huge_doc(args.huge_doc_mb * MB)
@@ -449,10 +450,12 @@ class Bench:
             "access_key": self.s3.access_key, "secret_key": self.s3.secret_key,
             "url": self.s3.endpoint, "region": False, "bucket": bucket}, compress=True)
         for what, source, dest, where in (("db→s3", self.config("db", "db"), s3_config, f"s3://{bucket}/"),
+                                          ("verify", s3_config, None, f"s3://{bucket}/"),
                                           ("s3→db", s3_config, self.config("db", "db"), "db://")):
+            command = ["verify", source] if what == "verify" else None  # reads it back, as runbook step 6
             what = f"anchore-objmig {what}, one {len(doc.content) / MB:.0f} MB document, compressed in S3"
             self.log(f"m: {what}")
-            run = self.run_tool(what, source, dest, args.workers)
+            run = self.run_tool(what, source, dest, args.workers, command=command)
             seeding.verify(self.dsn, self.client, docset, where)
             self.add(Result("m", what, 1, len(doc.content), run["seconds"],
                             {"workers": args.workers, "document_mb": round(len(doc.content) / MB, 1), **run}))
@@ -571,7 +574,7 @@ def ratio_rows(results, machine):
         rows.append((name, "not run (row a)", None))
 
     for run in by.get("m", []):
-        direction = "db→s3" if "db→s3" in run.what else "s3→db"
+        direction = next(way for way in ("db→s3", "verify", "s3→db") if way in run.what)
         name = f"peak RSS < {TARGET_RSS_MB} MB with one {run.extra['document_mb']:.0f} MB document, {direction}"
         peak = max(v for v in (run.extra.get("peak_rss_mb"), run.extra.get("rusage_maxrss_mb"), 0) if v is not None)
         rows.append((name, f"{peak:.0f} MB ({run.extra.get('peak_rss_process')} process; whole tree "

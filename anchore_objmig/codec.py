@@ -18,6 +18,10 @@ class DigestMismatch(ValueError):
     """The stored bytes do not hash to the digest in the metadata row."""
 
 
+class TooLarge(Exception):
+    """Decompressed, the document is larger than the caller may hold whole."""
+
+
 class CorruptDocument(ValueError):
     """The stored bytes cannot be what was stored: they do not decompress, do
     not decode from base64, or are not as long as the metadata says."""
@@ -41,8 +45,10 @@ def md5_of(data):
     return hashlib.md5(data, usedforsecurity=False)
 
 
-def decode(stored_bytes, is_compressed, expected_digest, expected_size=None):
+def decode(stored_bytes, is_compressed, expected_digest, expected_size=None, limit=None):
     """The document's plain bytes, after checking the digest and size of what was stored.
+
+    `limit`: raise TooLarge rather than decompress more than this many bytes.
 
     A NULL digest or size (rows written by old Anchore versions) cannot be
     checked; whatever is known is, and any mismatch refuses the document.
@@ -56,7 +62,15 @@ def decode(stored_bytes, is_compressed, expected_digest, expected_size=None):
     if not is_compressed:
         return stored_bytes
     try:
-        return zlib.decompress(stored_bytes)
+        if limit is None:
+            return zlib.decompress(stored_bytes)
+        inflate = zlib.decompressobj()
+        plain = inflate.decompress(stored_bytes, limit + 1)
+        if len(plain) > limit:
+            raise TooLarge(f"decompresses to more than {limit} bytes")
+        if not inflate.eof:  # what zlib.decompress would say of a cut-off stream
+            raise zlib.error("Error -5 while decompressing data: incomplete or truncated stream")
+        return plain
     except zlib.error as exc:
         raise CorruptDocument(f"marked compressed but does not decompress: {exc}") from None
 

@@ -7,7 +7,9 @@ backend and checked as Anchore checks it: MD5 of the stored bytes against
 `is_compressed`. The work is cut into shards as a migration's is and spread
 over worker processes, but nothing is written anywhere: no task rows, no
 tool tables; every database session is read-only, so the server itself
-refuses a write.
+refuses a write (a large document streamed out of PostgreSQL passes through
+the reading session's own temporary table, written in explicit read-write
+transactions; see drivers/stream_read.py).
 
 A document that looks bad is looked up again before it is named: Anchore
 may be running and may have rewritten or removed it meanwhile.
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 
 from psycopg import sql
 
-from anchore_objmig import codec, db, logs, metrics, plan
+from anchore_objmig import codec, db, logs, metrics, plan, streaming
 from anchore_objmig.config import load_store_config
 from anchore_objmig.display import ProgressDisplay, human_bytes, print_json
 from anchore_objmig.drivers import DocRow, DriverContext, NotFound, make_driver
@@ -84,6 +86,13 @@ class ReadOnlyContext(DriverContext):
             conn.execute("SET default_transaction_read_only = on")
         return conn
 
+    def reader_connection(self):
+        fresh = self._reader is None or self._reader.closed
+        conn = super().reader_connection()
+        if fresh:  # streamed reads write only their own temporary table, explicitly (stream_read.own_table)
+            conn.execute("SET default_transaction_read_only = on")
+        return conn
+
 
 def location_filter(driver, buckets):
     """WHERE condition (alias m) for the documents stored in `driver`'s location."""
@@ -133,10 +142,12 @@ class Verifier:
         """Count the good documents into `report`; the others as (row, reason)."""
         if not rows:
             return []
-        found = self.read(row.content_url for row in rows)
+        # Documents too large to hold whole are read as streams (streaming.check).
+        large = set(streaming.large_rows(self.context.db_connection(), self.driver, self.driver, rows))
+        found = self.read(row.content_url for row in rows if row not in large)
         suspects = []
         for row in rows:
-            reason = problem(row, found.get(row.content_url))
+            reason = streaming.check(self.driver, row) if row in large else problem(row, found.get(row.content_url))
             if reason:
                 suspects.append((row, reason))
             else:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import psycopg
 
-from anchore_objmig import codec, db, integrity, ledger, logs, plan
+from anchore_objmig import codec, db, integrity, ledger, logs, plan, streaming
 from anchore_objmig.faults import crash_point
 from anchore_objmig.db import DbSettings
 from anchore_objmig.drivers import DocRow, DriverContext, NotFound, WriteItem, make_driver
@@ -93,9 +93,11 @@ def read_sources(source, rows):
         return {row.content_url: (exc, False) for row in rows}
 
 
-def prepare_writes(rows, found, dest, dest_store, result):
+def prepare_writes(rows, found, dest, dest_store, result, too_large=None):
     """Decode and check each document, then encode it for the destination.
-    Each document fails alone: the rest of the batch goes on."""
+    Each document fails alone: the rest of the batch goes on. With a list
+    `too_large`, documents that decompress past the streaming threshold go
+    there, to be streamed, instead of being held whole."""
     compress = dest_store.compression_enabled and dest.supports_compression
     threshold = dest_store.compression_threshold
     items = []
@@ -109,11 +111,15 @@ def prepare_writes(rows, found, dest, dest_store, result):
             result.failures.append((row, f"{kind}: {stored}"))
             continue
         try:
-            plain = codec.decode(stored, row.is_compressed, row.digest, row.size)
+            limit = streaming.THRESHOLD if too_large is not None else None
+            plain = codec.decode(stored, row.is_compressed, row.digest, row.size, limit)
             # The digest was just checked against these very bytes when they were stored plain.
             encoded = codec.encode(plain, compress, threshold, None if row.is_compressed else row.digest)
         except (codec.DigestMismatch, codec.CorruptDocument) as exc:
             result.failures.append((row, f"{integrity.CORRUPT}: {exc}"))
+            continue
+        except codec.TooLarge:
+            too_large.append(row)
             continue
         except Exception as exc:  # noqa: BLE001 - whatever it is, it is this document's alone
             result.failures.append((row, f"{integrity.UNREADABLE}: {type(exc).__name__}: {exc}"))
@@ -243,10 +249,19 @@ def launch_batch(conn, lease, rows, source, dest, dest_store, last):
     its shard sends nothing after the new owner may have committed.
     """
     result = BatchResult()
+    # Documents too large to hold whole are streamed one at a time, first, and
+    # join the batch's items already written; see streaming.py.
+    large = streaming.large_rows(conn, source, dest, rows)
+    too_large = [] if streaming.can_stream(source, dest) else None
+    if large:
+        ledger.confirm_lease(conn, lease)
+        rows = [row for row in rows if row not in large]
+    streamed = streaming.move(conn, lease, large, source, dest, dest_store, result)
     found = read_sources(source, rows)
     crash_point("after-read")
-    items = prepare_writes(rows, found, dest, dest_store, result)
+    items = prepare_writes(rows, found, dest, dest_store, result, too_large)
     del found  # the encoded bytes are all we hold from here on
+    streamed += streaming.move(conn, lease, too_large or [], source, dest, dest_store, result)
     if dest.in_catalog_db:  # the writes join the fenced transaction and commit with it
         with db.transaction(conn):
             ledger.confirm_lease(conn, lease)
@@ -254,7 +269,7 @@ def launch_batch(conn, lease, rows, source, dest, dest_store, last):
     else:
         ledger.confirm_lease(conn, lease)
         wait = start_writes(dest, items)
-    return Flight(lease, items, wait, result, last)
+    return Flight(lease, items + streamed, wait, result, last)
 
 
 def land_batch(flight, conn, source, delete_source):

@@ -90,6 +90,16 @@ def huge_docs(count, seed, largest=HUGE_MAX):
     return docs
 
 
+def one_huge_doc(size, seed=5):
+    """One JSON document of about `size` bytes (a very large image's analysis), made of
+    10 MB pieces so that building it never holds more than one piece as Python objects."""
+    rng = random.Random(seed)
+    ratio = len(anchore_sim.json_document(random.Random(0), MB, 0)) / MB
+    pieces = [anchore_sim.json_document(rng, int(10 * MB / ratio), n) for n in range(max(1, round(size / (10 * MB))))]
+    content = b'{"document": "huge", "parts": [' + b", ".join(pieces) + b"]}"
+    return anchore_sim.Doc("admin", "analysis_data", f"sha256:{rng.getrandbits(256):064x}", content)
+
+
 # ---------------------------------------------------------------- storing
 
 

@@ -97,21 +97,21 @@ class FaultProxy:
                     data = answer.read()
                     headers = {k: v for k, v in answer.getheaders()
                                if k.lower() not in ("transfer-encoding", "connection", "content-length")}
-                    if spoil in ("short200", "cutoff", "resetbody") and answer.status == 200 and len(data) > 1:
-                        self.spoil_body(spoil, headers, data)
+                    if spoil in ("short200", "cutoff", "resetbody") and answer.status in (200, 206) and len(data) > 1:
+                        self.spoil_body(spoil, headers, data, answer.status)
                         return
                     self.reply(answer.status, headers, data, head=self.command == "HEAD",
                                length=answer.getheader("Content-Length"))
                 finally:
                     upstream.close()
 
-            def spoil_body(self, how, headers, data):
-                """Answer 200 with only 60 % of the body (the ETag kept)."""
+            def spoil_body(self, how, headers, data, status=200):
+                """Answer 200 (206 to a ranged GET) with only 60 % of the body (the ETag kept)."""
                 part = data[:len(data) * 6 // 10]
                 if how == "short200":
-                    self.reply(200, headers, part)
+                    self.reply(status, headers, part)
                     return
-                self.send_response(200)
+                self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
                 self.send_header("Content-Length", str(len(data)))  # the whole length, then less

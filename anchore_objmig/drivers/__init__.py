@@ -30,6 +30,7 @@ class DriverContext:
     # request that changes a network backend; None outside a migration.
     fence: object = None
     _connection: object = field(default=None, repr=False)
+    _reader: object = field(default=None, repr=False)
 
     def check_fence(self):
         """Raise ledger.LeaseLost if this process may no longer write."""
@@ -44,9 +45,19 @@ class DriverContext:
             self._connection = db.connect(self.db_settings, autocommit=True, role="worker")
         return self._connection
 
+    def reader_connection(self):
+        """A second autocommit connection, for reading a streamed document in
+        slices while the first may be writing one with COPY."""
+        from anchore_objmig import db
+
+        if self._reader is None or self._reader.closed:
+            self._reader = db.connect(self.db_settings, autocommit=True, role="reader")
+        return self._reader
+
     def close(self):
-        if self._connection is not None and not self._connection.closed:
-            self._connection.close()
+        for conn in (self._connection, self._reader):
+            if conn is not None and not conn.closed:
+                conn.close()
 
 
 def driver_class(store):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from anchore_objmig import codec, integrity, ledger
+from anchore_objmig import codec, db, integrity, ledger
 from anchore_objmig.drivers import NotFound, WriteItem
 from anchore_objmig.drivers import stream_read, stream_write
 from anchore_objmig.errors import StorageError
@@ -171,7 +171,7 @@ def attempt(conn, lease, row, url, source, dest, dest_store, allowed, compress, 
     fence()
     # Not fenced in the database until the end: confirm_lease locks the shard
     # row, which would hold up the heartbeat for the whole stream.
-    with conn.transaction(), conn.cursor() as cur:
+    with db.transaction(conn), conn.cursor() as cur:
         if conn.info.encoding != "utf-8":
             cur.execute("SET LOCAL client_encoding TO 'UTF8'")  # the text fields below are UTF-8 bytes
         kind.delete(conn, url)  # a copy an interrupted run left: written afresh

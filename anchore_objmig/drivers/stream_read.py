@@ -16,7 +16,7 @@ import os
 import random
 import time
 
-from anchore_objmig import codec
+from anchore_objmig import codec, db
 from anchore_objmig.drivers import localfs, s3_crt
 from anchore_objmig.drivers.base import NotFound
 from anchore_objmig.drivers.postgres import split_url
@@ -102,7 +102,7 @@ def own_table(conn, statement):
     """Run `statement` on this session's own temporary table in a read-write
     transaction, also in a session otherwise read-only (verify's): it touches
     nothing but that table, which no other session can see."""
-    with conn.transaction():
+    with db.transaction(conn):
         conn.execute("SET TRANSACTION READ WRITE")
         conn.execute(statement)
 

@@ -15,7 +15,6 @@ import uuid
 import boto3
 import psycopg
 import pytest
-import yaml
 from botocore.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -338,6 +338,11 @@ class Bench:
         self.tool_db_to_s3("a", f"anchore-objmig db→s3 (workers={args.workers})", self.chunks(), args.workers,
                            memory=True)
         self.reset()
+        # The same run with one document: its client CPU is the fixed start-up (interpreters, imports,
+        # access checks, planning), which the raw uploaders' CPU figure does not include.
+        self.tool_db_to_s3("a0", f"anchore-objmig db→s3, one document (start-up), workers={args.workers}",
+                           [[self.docs[0]]], args.workers)
+        self.reset()
         bucket = self.new_bucket()
         docset = seeding.seed_s3(self.dsn, self.client, bucket, self.chunks(), compress=args.compress)
         self.checkpoint()
@@ -618,13 +623,21 @@ def ratio_rows(results, machine):
 
     name = f"client CPU per document db→s3 ≤ {TARGET_CPU} × the raw uploader's"
     tool_cpu = cpu_per_doc_us(db_s3) if db_s3 else None
+    startup = next(iter(by.get("a0", [])), None)
+    whole_run = ""
+    if tool_cpu and startup and startup.extra.get("client_cpu_seconds") is not None and db_s3.documents > 1:
+        # Per document beyond the fixed start-up, as the uploaders are counted from "go" (no imports, no
+        # connections): the start-up is shown beside it, and the whole-run figure too.
+        startup_cpu = startup.extra["client_cpu_seconds"]
+        whole_run = f" (start-up {startup_cpu:.2f} s excluded; {tool_cpu:.0f} µs/doc with it)"
+        tool_cpu = (db_s3.extra["client_cpu_seconds"] - startup_cpu) / (db_s3.documents - 1) * 1e6
     # The raw uploader that needs the least CPU per document (awscrt, so far): the strictest reading.
     frugal = min((r for r in by.get("b", []) if cpu_per_doc_us(r)), key=cpu_per_doc_us, default=None)
     raw_cpu = cpu_per_doc_us(frugal) if frugal else None
     if tool_cpu and raw_cpu:
         ratio = tool_cpu / raw_cpu
-        rows.append((name, f"{tool_cpu:.0f} µs against {raw_cpu:.0f} µs ({frugal.extra['client']}) = {ratio:.2f} ×",
-                     ratio <= TARGET_CPU))
+        rows.append((name, f"{tool_cpu:.0f} µs against {raw_cpu:.0f} µs ({frugal.extra['client']}) = {ratio:.2f} ×"
+                           f"{whole_run}", ratio <= TARGET_CPU))
     else:
         rows.append((name, "not run (rows a and b)", None))
 

@@ -162,7 +162,8 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
         if options.delete_source:
             finish_pending_deletes(conn, source)
 
-        shards = plan.cut_shards(conn, where, options.shard_documents, options.shard_bytes)
+        limits = plan.shard_limits(conn, where, options.workers, options.shard_documents, options.shard_bytes)
+        shards = plan.cut_shards(conn, where, *limits)
         total = sum(shard.documents for shard in shards)
         task_id = tasks.create_task(conn, source.name, dest.name, total)
         crash_point("after-task")
@@ -470,7 +471,8 @@ def finish(conn, task_id, dest_store, options, seconds):
 def dry_run(conn, where, source, dest, dest_store, options):
     """Print what a migration would move; change nothing anywhere."""
     groups = plan.summarize(conn, where)
-    shards = plan.cut_shards(conn, where, options.shard_documents, options.shard_bytes)
+    limits = plan.shard_limits(conn, where, options.workers, options.shard_documents, options.shard_bytes)
+    shards = plan.cut_shards(conn, where, *limits)
     would_compress = 0
     if dest_store.compression_enabled and dest.supports_compression:
         would_compress = conn.execute(

@@ -17,6 +17,13 @@ from psycopg import sql
 
 DEFAULT_SHARD_DOCUMENTS = 5000
 DEFAULT_SHARD_BYTES = 512 * 1024 * 1024
+# A run is cut into at least this many shards per worker when it is big
+# enough, so no worker idles while another works through the only shard (and
+# a joining host finds some left); shards stay at least MIN_SHARD_DOCUMENTS
+# and MIN_SHARD_BYTES, so their claims stay a small part of the work.
+SHARDS_PER_WORKER = 4
+MIN_SHARD_DOCUMENTS = 50
+MIN_SHARD_BYTES = 8 * 1024 * 1024
 
 
 KEY = ("bucket", "archiveId", "userId", "documentName")  # archive_metadata's primary key, in its order
@@ -83,6 +90,17 @@ def summarize(conn, where):
            FROM archive_metadata m WHERE {} GROUP BY 1, 2 ORDER BY 1, 2"""
     ).format(where)
     return [GroupSummary(*row) for row in conn.execute(query)]
+
+
+def shard_limits(conn, where, workers, max_documents=DEFAULT_SHARD_DOCUMENTS, max_bytes=DEFAULT_SHARD_BYTES):
+    """(documents, bytes) per shard for a run of `workers` workers: the
+    operator's maxima, or less when the run is small (see SHARDS_PER_WORKER)."""
+    documents, nbytes = conn.execute(
+        sql.SQL("SELECT count(*), coalesce(sum(m.size), 0) FROM archive_metadata m WHERE {}").format(where)
+    ).fetchone()
+    shards = SHARDS_PER_WORKER * max(1, workers)
+    return (min(max_documents, max(MIN_SHARD_DOCUMENTS, -(-documents // shards))),
+            min(max_bytes, max(MIN_SHARD_BYTES, -(-int(nbytes) // shards))))
 
 
 def cut_shards(conn, where, max_documents=DEFAULT_SHARD_DOCUMENTS, max_bytes=DEFAULT_SHARD_BYTES):

@@ -23,7 +23,7 @@ DEFAULT_SHARD_BYTES = 512 * 1024 * 1024
 # and MIN_SHARD_BYTES, so their claims stay a small part of the work.
 SHARDS_PER_WORKER = 4
 MIN_SHARD_DOCUMENTS = 50
-MIN_SHARD_BYTES = 8 * 1024 * 1024
+MIN_SHARD_BYTES = 64 * 1024 * 1024
 
 
 KEY = ("bucket", "archiveId", "userId", "documentName")  # archive_metadata's primary key, in its order

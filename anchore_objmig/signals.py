@@ -9,7 +9,10 @@ ProgrammingError ("transaction rollback at the wrong nesting level") that
 ordinary error handling catches: the stop was lost and the run went on.
 So inside `deferred()` a signal is only noted, and raised when the
 outermost block ends: a transaction in progress commits (or fails) whole,
-and the stop happens right after it.
+and the stop happens right after it. Long work inside a transaction (a
+streamed COPY) calls stop_if_asked() between pieces, where raising is safe,
+so it is not waited out; and a second signal while one is pending (an
+operator insisting) raises at once.
 """
 
 import contextlib
@@ -34,10 +37,20 @@ def _stop_for(signum):
 
 def _on_signal(signum, frame):
     global _pending
-    if _depth:
-        _pending = _pending or signum
+    if _depth and not _pending:
+        _pending = signum
         return
+    _pending = None  # raised now: not again when the deferred block ends
     raise _stop_for(signum)
+
+
+def stop_if_asked():
+    """Raise the stop a signal asked for while it was held back: called from
+    our own code between two steps, never inside psycopg's bookkeeping."""
+    global _pending
+    if _pending and threading.current_thread() is threading.main_thread():
+        signum, _pending = _pending, None
+        raise _stop_for(signum)
 
 
 @contextlib.contextmanager

@@ -37,10 +37,13 @@ def _stop_for(signum):
 
 def _on_signal(signum, frame):
     global _pending
-    if _depth and not _pending:
-        _pending = signum
-        return
-    _pending = None  # raised now: not again when the deferred block ends
+    if _depth:
+        first, _pending = _pending, signum
+        if not first:
+            return
+        # A second one: raised at once; still pending too, so that if it lands
+        # inside psycopg's bookkeeping and is replaced there, the block's end
+        # raises it again rather than the stop being lost.
     raise _stop_for(signum)
 
 

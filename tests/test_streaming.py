@@ -491,8 +491,7 @@ def test_a_worker_frozen_mid_copy_locks_nothing_and_commits_nothing(db, s3, cli,
 
 def test_a_held_back_signal_is_raised_at_a_checkpoint_and_a_second_one_at_once():
     """Inside a transaction a signal waits for stop_if_asked() (or the block's
-    end); an operator's second signal while it waits is raised at once, and
-    only once."""
+    end); an operator's second signal while it waits is raised at once."""
     from anchore_objmig import signals
     from anchore_objmig.errors import Terminated
 
@@ -504,11 +503,14 @@ def test_a_held_back_signal_is_raised_at_a_checkpoint_and_a_second_one_at_once()
             with pytest.raises(Terminated):
                 signals.stop_if_asked()
             signals.stop_if_asked()  # raised once, not again
-        with signals.deferred():
-            signal.raise_signal(signal.SIGTERM)
-            with pytest.raises(KeyboardInterrupt):
-                signal.raise_signal(signal.SIGINT)  # the operator insists
-        # and the block ended quietly: that stop was raised already
+        with pytest.raises(KeyboardInterrupt):
+            with signals.deferred():
+                signal.raise_signal(signal.SIGTERM)
+                with pytest.raises(KeyboardInterrupt):
+                    signal.raise_signal(signal.SIGINT)  # the operator insists: raised at once
+                # were it swallowed here (psycopg replaces what lands in its bookkeeping),
+                # the block's end raises it again
+        signals.stop_if_asked()  # nothing left pending
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)

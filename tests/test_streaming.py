@@ -417,6 +417,42 @@ def test_db_timeout_does_not_cancel_a_long_stream_into_the_database(db, s3, cli,
     assert_stored_as_anchore_would(db, s3, docs, False)
 
 
+def test_db_timeout_does_not_cancel_the_copy_of_a_large_value_read_from_the_database(db, s3, cli, tmp_path):
+    """The streaming reader copies a large archive_document value into its own
+    table in one statement, which may take longer than --db-timeout (here it
+    waits on a lock the test holds for longer): it is not cancelled."""
+    import psycopg
+    from test_run_integrity import Tool, wait_for
+
+    docs = seed_docs()
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = s3.new_bucket()
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket), compress=True))
+    args = ["--db-timeout", "1", "migrate", source, dest, "--dontask", "--workers", "1", "--progress", "none", *PART]
+    tool = Tool(cli.dsn, args, {**STREAM, "OBJMIG_FREEZE_AT": "stream-document:1"}, tmp_path, "main")
+    try:
+        tool.wait_stopped()
+        with psycopg.connect(cli.dsn) as locker:
+            locker.execute("LOCK TABLE archive_document IN ACCESS EXCLUSIVE MODE")
+            tool.resume()
+            wait_for(lambda: db.execute("""SELECT count(*) FROM pg_stat_activity
+                                           WHERE application_name LIKE 'anchore-objmig reader%%'
+                                             AND query LIKE 'INSERT INTO objmig_stream_value%%'
+                                             AND clock_timestamp() - query_start > interval '2 seconds'""")
+                     .fetchone()[0] == 1, 60, "the reader's copy to outlast --db-timeout")
+            locker.rollback()
+    finally:
+        if tool.process.poll() is None:
+            tool.resume()
+    code, log = tool.finish()
+    assert code == 0, log
+    assert "canceling statement" not in log
+    assert {f"admin/analysis_data/{doc.archive_id}" for doc in docs[:3]} <= streamed(log)
+    assert_all_readable(db, s3.client, docs)
+    assert_stored_as_anchore_would(db, s3, docs, True)
+
+
 def test_sigint_during_a_copy_stops_it_at_the_next_piece_and_commits_nothing(db, s3, cli, tmp_path):
     """SIGINT is held back while a transaction is open, but a streamed COPY
     checks for it between pieces: it stops there, rolled back, instead of

@@ -186,7 +186,9 @@ def add_database_options(database, suppress=False):
     database.add_argument("--db-retries", type=int, default=defaults.get("db_retries", 3), metavar="N", help="connection attempts after the first (default 3)")
     database.add_argument(
         "--db-timeout", type=non_negative_float, default=defaults.get("db_timeout", 0), metavar="S",
-        help="cancel any single statement running longer than S seconds; 0: no limit (default)",
+        help="cancel any single statement running longer than S seconds; 0: no limit (default). "
+             "Not applied to the statements streaming one large document (its COPY, the copy of its value), "
+             "which last as long as its transfer",
     )
     database.add_argument("--db-connect-timeout", type=positive_int, default=defaults.get("db_connect_timeout", 10), metavar="S", help="seconds to wait for a connection (default 10)")
 

@@ -9,7 +9,10 @@ ProgrammingError ("transaction rollback at the wrong nesting level") that
 ordinary error handling catches: the stop was lost and the run went on.
 So inside `deferred()` a signal is only noted, and raised when the
 outermost block ends: a transaction in progress commits (or fails) whole,
-and the stop happens right after it.
+and the stop happens right after it. Long work inside a transaction (a
+streamed COPY) calls stop_if_asked() between pieces, where raising is safe,
+so it is not waited out; and a second signal while one is pending (an
+operator insisting) raises at once.
 """
 
 import contextlib
@@ -35,9 +38,22 @@ def _stop_for(signum):
 def _on_signal(signum, frame):
     global _pending
     if _depth:
-        _pending = _pending or signum
-        return
+        first, _pending = _pending, signum
+        if not first:
+            return
+        # A second one: raised at once; still pending too, so that if it lands
+        # inside psycopg's bookkeeping and is replaced there, the block's end
+        # raises it again rather than the stop being lost.
     raise _stop_for(signum)
+
+
+def stop_if_asked():
+    """Raise the stop a signal asked for while it was held back: called from
+    our own code between two steps, never inside psycopg's bookkeeping."""
+    global _pending
+    if _pending and threading.current_thread() is threading.main_thread():
+        signum, _pending = _pending, None
+        raise _stop_for(signum)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ file). Memory stays a few slices whatever the document's size.
 
 The safety order is the batch's: the destination copy is written and
 confirmed, and the source digest and size checked, before the copy is made
-visible (an S3 upload completed, a COPY committed, a file renamed); the
+visible (an S3 upload completed, a staged row inserted, a file renamed); the
 metadata row and the source delete then go through the batch's own
 commit_metadata and delete_sources (worker.land_batch), so a streamed
 document is one more item of its batch. A document whose source fails its checks leaves no copy behind.
@@ -28,10 +28,11 @@ from dataclasses import dataclass
 
 import psycopg
 
-from anchore_objmig import codec, db, integrity, ledger
+from anchore_objmig import codec, db, integrity, ledger, signals
 from anchore_objmig.drivers import NotFound, WriteItem
 from anchore_objmig.drivers import stream_read, stream_write
-from anchore_objmig.errors import StorageError
+from anchore_objmig.errors import ConnectError, StorageError
+from anchore_objmig.faults import crash_point
 from anchore_objmig.ledger import LeaseLost
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,8 @@ def move(conn, lease, rows, source, dest, dest_store, result):
         except SourceFailed as exc:
             result.failures.append((row, str(exc)))
             continue
-        except (LeaseLost, psycopg.OperationalError):
-            raise
+        except (LeaseLost, psycopg.OperationalError, ConnectError):
+            raise  # the database away (the reader's session too): the batch is given back and retried
         except Exception as exc:  # noqa: BLE001 - the destination refused it; this document's alone
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             result.failures.append((row, f"write refused: {detail}"))
@@ -149,17 +150,25 @@ def move_one(conn, lease, row, url, source, dest, dest_store):
 
 
 def attempt(conn, lease, row, url, source, dest, dest_store, allowed, compress, b64):
+    crash_point("stream-document")
     reader = open_reader(source, row.content_url)
     pieces = Decoded(reader, row)
     encoder = Encoder(compress)
     fence = dest.context.check_fence
     progress = getattr(dest.context.fence, "progress", lambda: None)
+
+    def between_pieces():
+        """A stop asked for, or a lease lost, ends the stream here, not at its end."""
+        signals.stop_if_asked()
+        fence()
+        progress()
+
     if not dest.in_catalog_db:
         sink = (stream_write.S3Sink if dest.name == "s3" else stream_write.FileSink)(dest, url, fence)
         try:
             for piece in pieces:
                 sink.write(encoder.feed(piece))
-                progress()
+                between_pieces()
             sink.write(encoder.end())
             stored = settle(encoder, pieces, dest_store, allowed, compress)
             sink.finish(stored)
@@ -169,25 +178,35 @@ def attempt(conn, lease, row, url, source, dest, dest_store, allowed, compress, 
         return stored, pieces.proven
     kind = stream_write.DbSink if dest.name == "db" else stream_write.Db2Sink
     fence()
-    # Not fenced in the database until the end: confirm_lease locks the shard
-    # row, which would hold up the heartbeat for the whole stream.
-    with db.transaction(conn), conn.cursor() as cur:
-        if conn.info.encoding != "utf-8":
-            cur.execute("SET LOCAL client_encoding TO 'UTF8'")  # the text fields below are UTF-8 bytes
-        kind.delete(conn, url)  # a copy an interrupted run left: written afresh
-        with cur.copy(f"COPY {kind.table} {kind.columns} FROM STDIN") as copy:
-            sink = kind(copy, url, b64)
-            try:
-                for piece in pieces:
-                    sink.write(encoder.feed(piece))
-                    progress()
-                sink.write(encoder.end())
-                sink.end()
-            except stream_write.NotText as exc:
-                raise Restart(f"{exc}: archive_document stores it base64", b64=True) from exc
-            stored = settle(encoder, pieces, dest_store, allowed, compress)
-        fence()
-        ledger.confirm_lease(conn, lease)  # a stale worker commits nothing
+    # The COPY fills a temporary table of this session: a stream that stalls
+    # (a frozen host) locks nothing of Anchore's. The row then goes into
+    # Anchore's table in one short fenced transaction.
+    stream_write.stage(conn, kind)
+    try:
+        with db.transaction(conn), conn.cursor() as cur:
+            cur.execute("SET LOCAL statement_timeout = 0")  # --db-timeout is for statements, not a long stream
+            if conn.info.encoding != "utf-8":
+                cur.execute("SET LOCAL client_encoding TO 'UTF8'")  # the text fields below are UTF-8 bytes
+            with cur.copy(f"COPY {kind.stage} {kind.columns} FROM STDIN") as copy:
+                sink = kind(copy, url, b64)
+                try:
+                    for piece in pieces:
+                        sink.write(encoder.feed(piece))
+                        between_pieces()  # raising inside the COPY is safe: it is failed and rolled back
+                    sink.write(encoder.end())
+                    sink.end()
+                except stream_write.NotText as exc:
+                    raise Restart(f"{exc}: archive_document stores it base64", b64=True) from exc
+                stored = settle(encoder, pieces, dest_store, allowed, compress)
+        crash_point("stream-staged")
+        with db.transaction(conn):
+            conn.execute("SET LOCAL statement_timeout = 0")  # one large value copied
+            ledger.confirm_lease(conn, lease)  # a stale worker commits nothing
+            fence()
+            kind.delete(conn, url)  # a copy an interrupted run left: written afresh
+            stream_write.unstage(conn, kind)
+    finally:
+        stream_write.clear(conn, kind)
     return stored, pieces.proven
 
 
@@ -239,6 +258,8 @@ class Decoded:
             raise SourceFailed(integrity.MISSING, str(exc)) from None
         except codec.CorruptDocument as exc:
             raise SourceFailed(integrity.CORRUPT, str(exc)) from None
+        except (psycopg.OperationalError, ConnectError):
+            raise  # the reader's session lost (a restart, a terminated backend): not the document's fault
         except (StorageError, psycopg.Error) as exc:
             raise SourceFailed(integrity.UNREADABLE, str(exc).strip().splitlines()[0]) from None
 

@@ -363,3 +363,190 @@ def test_verify_reads_large_documents_as_streams(db, s3, cli, tmp_path):
     assert "checking admin/analysis_data/big-binary (" in result.stderr
     bad = [line for line in result.stderr.splitlines() if "BAD " in line]
     assert len(bad) == 1 and "big-json-0" in bad[0] and "digest mismatch" in bad[0], result.stderr
+
+
+def test_a_terminated_reader_session_is_replaced_and_the_document_moves(db, s3, cli, tmp_path):
+    """The session reading slices dies between two large documents (a server
+    restart, pg_terminate_backend): the shard is given back and retried on a
+    new session, not reported unreadable."""
+    from test_run_integrity import Tool
+
+    docs = seed_docs()
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = s3.new_bucket()
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket), compress=True))
+    args = ["migrate", source, dest, "--dontask", "--workers", "1", "--progress", "none", *PART]
+    tool = Tool(cli.dsn, args, {**STREAM, "OBJMIG_FREEZE_AT": "stream-document:2"}, tmp_path, "main")
+    try:
+        tool.wait_stopped()  # the first large document read, the second not yet
+        ended = db.execute("""SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+                              WHERE application_name LIKE 'anchore-objmig reader%'""").fetchone()[0]
+        assert ended == 1
+    finally:
+        tool.resume()
+    code, log = tool.finish()
+    assert code == 0, log
+    assert "unreadable" not in log and "write refused" not in log
+    assert "database connection lost" in log  # the shard was given back and retried
+    assert {f"admin/analysis_data/{doc.archive_id}" for doc in docs[:3]} <= streamed(log)
+    assert_all_readable(db, s3.client, docs)
+    assert_stored_as_anchore_would(db, s3, docs, True)
+    assert len(s3.keys(bucket)) == len(docs)
+
+
+def test_db_timeout_does_not_cancel_a_long_stream_into_the_database(db, s3, cli, tmp_path):
+    """--db-timeout bounds statements, not a COPY that lasts as long as the
+    S3 reads feeding it: slow ranged GETs, a timeout shorter than the transfer."""
+    docs = [anchore_sim.Doc("admin", "analysis_data", "big-binary", random.Random(9).randbytes(11 * 1024 * 1024))]
+    docs += anchore_sim.make_docs(3, seed=43)
+    bucket = s3.new_bucket()
+    anchore_sim.store(db, s3.location(bucket, compress=True), docs)
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(Rule("delay", method="GET", path="big-binary", times=None, delay=1.5))
+        source = write_config(tmp_path / "a.yaml", section("s3", through_proxy(s3, proxy, bucket), compress=True))
+        dest = write_config(tmp_path / "b.yaml", section("db"))
+        result = cli("--db-timeout", "1", "migrate", source, dest, "--dontask", "--workers", "1", env=STREAM)
+        ranges = [path for method, path, headers, _ in proxy.seen
+                  if method == "GET" and "big-binary" in path and "Range" in headers]
+    assert len(ranges) >= 2, result.stderr  # each delayed 1.5 s: the COPY outlasted --db-timeout
+    assert result.returncode == 0, result.stderr
+    assert "streaming admin/analysis_data/big-binary" in result.stderr
+    assert "canceling statement" not in result.stderr
+    assert_all_readable(db, s3.client, docs)
+    assert_stored_as_anchore_would(db, s3, docs, False)
+
+
+def test_db_timeout_does_not_cancel_the_copy_of_a_large_value_read_from_the_database(db, s3, cli, tmp_path):
+    """The streaming reader copies a large archive_document value into its own
+    table in one statement, which may take longer than --db-timeout (here it
+    waits on a lock the test holds for longer): it is not cancelled."""
+    import psycopg
+    from test_run_integrity import Tool, wait_for
+
+    docs = seed_docs()
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = s3.new_bucket()
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket), compress=True))
+    args = ["--db-timeout", "1", "migrate", source, dest, "--dontask", "--workers", "1", "--progress", "none", *PART]
+    tool = Tool(cli.dsn, args, {**STREAM, "OBJMIG_FREEZE_AT": "stream-document:1"}, tmp_path, "main")
+    try:
+        tool.wait_stopped()
+        with psycopg.connect(cli.dsn) as locker:
+            locker.execute("LOCK TABLE archive_document IN ACCESS EXCLUSIVE MODE")
+            tool.resume()
+            wait_for(lambda: db.execute("""SELECT count(*) FROM pg_stat_activity
+                                           WHERE application_name LIKE 'anchore-objmig reader%%'
+                                             AND query LIKE 'INSERT INTO objmig_stream_value%%'
+                                             AND clock_timestamp() - query_start > interval '2 seconds'""")
+                     .fetchone()[0] == 1, 60, "the reader's copy to outlast --db-timeout")
+            locker.rollback()
+    finally:
+        if tool.process.poll() is None:
+            tool.resume()
+    code, log = tool.finish()
+    assert code == 0, log
+    assert "canceling statement" not in log
+    assert {f"admin/analysis_data/{doc.archive_id}" for doc in docs[:3]} <= streamed(log)
+    assert_all_readable(db, s3.client, docs)
+    assert_stored_as_anchore_would(db, s3, docs, True)
+
+
+def test_sigint_during_a_copy_stops_it_at_the_next_piece_and_commits_nothing(db, s3, cli, tmp_path):
+    """SIGINT is held back while a transaction is open, but a streamed COPY
+    checks for it between pieces: it stops there, rolled back, instead of
+    after the whole document."""
+    size = 40 * 1024 * 1024  # 5 ranged GETs
+    docs = [anchore_sim.Doc("admin", "analysis_data", "big-binary", random.Random(9).randbytes(size))]
+    docs += anchore_sim.make_docs(3, seed=43)
+    bucket = s3.new_bucket()
+    anchore_sim.store(db, s3.location(bucket), docs)
+    dest = write_config(tmp_path / "b.yaml", section("db"))
+    with FaultProxy(s3.endpoint) as proxy:  # to count the ranges read
+        source = write_config(tmp_path / "a.yaml", section("s3", through_proxy(s3, proxy, bucket)))
+        args = ["migrate", source, dest, "--dontask", "--workers", "1"]
+        stopped = cli(*args, env={**STREAM, "OBJMIG_SIGNAL_AT": "stream-chunk:1:INT"})
+        ranges = [path for method, path, headers, _ in proxy.seen
+                  if method == "GET" and "big-binary" in path and "Range" in headers]
+        assert stopped.returncode == 130, stopped.stderr
+        assert "closed as failed" in stopped.stderr
+        # one range for the text guess, then one for the base64 attempt the signal stopped (not all 5)
+        assert len(ranges) == 2, ranges
+        assert db.execute("""SELECT count(*) FROM archive_document
+                             WHERE "archiveId" = 'big-binary'""").fetchone()[0] == 0
+        assert task_rows(db)[-1][0] == "failed"
+        assert_all_readable(db, s3.client, docs)
+        rerun = cli(*args, env=STREAM)
+    assert rerun.returncode == 0, rerun.stderr
+    assert [row[0] for row in task_rows(db)] == ["failed", "complete"]
+    assert_all_readable(db, s3.client, docs)
+    assert_stored_as_anchore_would(db, s3, docs, False)
+
+
+def test_a_worker_frozen_mid_copy_locks_nothing_and_commits_nothing(db, s3, cli, tmp_path):
+    """A joiner frozen in the middle of a streamed COPY into archive_document,
+    with stray copies of the large documents left there by an interrupted run:
+    the worker taking its shard over replaces them without waiting on the
+    frozen one, which, resumed, stops and commits nothing."""
+    from test_run_integrity import FAST, LEASE, Tool
+
+    docs = seed_docs()[:3] + anchore_sim.make_docs(4, seed=42)
+    bucket = s3.new_bucket()
+    anchore_sim.store(db, s3.location(bucket, compress=True), docs)
+    for doc in docs[:3]:
+        db.execute("""INSERT INTO archive_document (bucket, "archiveId", "userId", "documentName", jsondata,
+                      b64_encoded, created_at, last_updated, record_state_key)
+                      VALUES (%s, %s, %s, %s, 'stray', false, 1, 1, 'active')""",
+                   (doc.bucket, doc.archive_id, doc.user_id, doc.archive_id + ".json"))
+    source = write_config(tmp_path / "a.yaml", section("s3", s3.driver_config(bucket, **FAST), compress=True))
+    dest = write_config(tmp_path / "b.yaml", section("db"))
+    args = ["migrate", source, dest, "--dontask", "--workers", "1", "--progress", "none", *LEASE]
+    main = Tool(cli.dsn, args, {**STREAM, "OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
+    joiner = None
+    try:
+        main.wait_stopped()
+        joiner = Tool(cli.dsn, [*args, "--join"], {**STREAM, "OBJMIG_FREEZE_AT": "stream-chunk:1"}, tmp_path, "joiner")
+        joiner.wait_stopped()
+        main.resume()
+        code, log = main.finish()
+        assert code == 0, log
+        assert "took over shard" in log
+    finally:  # never leave a stopped process behind
+        for tool in (main, joiner):
+            if tool is not None and tool.process.poll() is None:
+                tool.resume()
+    code, log = joiner.finish()
+    assert code != 0, log
+    assert "stops writing" in log
+    assert_all_readable(db, s3.client, docs)
+    assert_stored_as_anchore_would(db, s3, docs, False)
+    assert db.execute("SELECT count(*) FROM archive_document").fetchone()[0] == len(docs)
+    assert s3.keys(bucket) == []
+
+
+def test_a_held_back_signal_is_raised_at_a_checkpoint_and_a_second_one_at_once():
+    """Inside a transaction a signal waits for stop_if_asked() (or the block's
+    end); an operator's second signal while it waits is raised at once."""
+    from anchore_objmig import signals
+    from anchore_objmig.errors import Terminated
+
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signals.install()
+    try:
+        with signals.deferred():
+            signal.raise_signal(signal.SIGTERM)  # held back (raise_signal runs the handler before it returns)
+            with pytest.raises(Terminated):
+                signals.stop_if_asked()
+            signals.stop_if_asked()  # raised once, not again
+        with pytest.raises(KeyboardInterrupt):
+            with signals.deferred():
+                signal.raise_signal(signal.SIGTERM)
+                with pytest.raises(KeyboardInterrupt):
+                    signal.raise_signal(signal.SIGINT)  # the operator insists: raised at once
+                # were it swallowed here (psycopg replaces what lands in its bookkeeping),
+                # the block's end raises it again
+        signals.stop_if_asked()  # nothing left pending
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)

@@ -47,9 +47,12 @@ class DriverContext:
 
     def reader_connection(self):
         """A second autocommit connection, for reading a streamed document in
-        slices while the first may be writing one with COPY."""
+        slices while the first may be writing one with COPY. One that broke (a
+        server restart, a terminated backend) is replaced."""
         from anchore_objmig import db
 
+        if self._reader is not None and self._reader.broken:
+            db.close_quietly(self._reader)
         if self._reader is None or self._reader.closed:
             self._reader = db.connect(self.db_settings, autocommit=True, role="reader")
         return self._reader

@@ -109,7 +109,10 @@ def own_table(conn, statement):
 
 def read_staged(conn, url, stage, key):
     own_table(conn, STAGE)
-    head = conn.execute(stage, key).fetchone()
+    with db.transaction(conn):
+        conn.execute("SET TRANSACTION READ WRITE")
+        conn.execute("SET LOCAL statement_timeout = 0")  # copying one large value: --db-timeout is not for that
+        head = conn.execute(stage, key).fetchone()
     if head is None:
         raise NotFound(f"no document at {url}")
     b64, length = head

@@ -4,9 +4,11 @@ whole (anchore_objmig/streaming.py strings readers and sinks together).
 - S3: one PUT with Content-MD5 if it all fits in one part, else a multipart
   upload, each part with its Content-MD5, the fence checked before every part
   and before completing, and the finished object's ETag checked.
-- db/db2: a COPY FROM STDIN (text format) into Anchore's table, escaped piece
-  by piece, so the server, not this process, holds the value; it commits only
-  after the caller's final checks (digest, lease).
+- db/db2: a COPY FROM STDIN (text format) into a temporary table of the
+  session shaped like Anchore's, escaped piece by piece, so the server, not
+  this process, holds the value, and a stalled stream holds no lock on
+  Anchore's tables; after the caller's final checks (digest, lease) one short
+  transaction moves the row into Anchore's table.
 - localfs: as localfs.write_one writes a file.
 """
 
@@ -16,7 +18,9 @@ import logging
 import os
 import tempfile
 
-from anchore_objmig import codec
+import psycopg
+
+from anchore_objmig import codec, db
 from anchore_objmig.drivers import localfs
 from anchore_objmig.drivers.postgres import epoch_now, split_url
 from anchore_objmig.drivers.s3 import CONTENT_TYPE, split_s3_url
@@ -153,6 +157,31 @@ def copy_field(text):
     return copy_escape(text.encode("utf-8"))
 
 
+def stage(conn, kind):
+    """An empty temporary table `kind.stage` with the columns `kind` writes, in
+    its own short transaction (it reads Anchore's table's shape only)."""
+    with db.transaction(conn):
+        conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {kind.stage} AS "
+                     f"SELECT {kind.columns[1:-1]} FROM {kind.table} WITH NO DATA")
+        conn.execute(f"TRUNCATE {kind.stage}")
+
+
+def unstage(conn, kind):
+    """The staged row into Anchore's table (inside the caller's transaction)."""
+    conn.execute(f"INSERT INTO {kind.table} {kind.columns} SELECT {kind.columns[1:-1]} FROM {kind.stage}")
+
+
+def clear(conn, kind):
+    """Free the staged value's space at once; a lost session took it with it."""
+    if conn.closed:
+        return
+    try:
+        with db.transaction(conn):
+            conn.execute(f"TRUNCATE {kind.stage}")
+    except psycopg.Error as exc:  # the error on its way out is the one worth reporting
+        log.debug("could not empty %s: %s", kind.stage, exc)
+
+
 class NotText(Exception):
     """The document is not UTF-8 text without NUL: archive_document wants it base64."""
 
@@ -165,6 +194,7 @@ class DbSink:
     columns = ('(bucket, "archiveId", "userId", "documentName", jsondata, b64_encoded, created_at, last_updated, '
                'record_state_key)')
     table = "archive_document"
+    stage = "objmig_stream_archive_document"
 
     def __init__(self, copy, url, b64):
         self.copy, self.b64 = copy, b64
@@ -213,6 +243,7 @@ class Db2Sink:
 
     columns = '("userId", bucket, key, version, object_metadata, content, created_at, last_updated)'
     table = "object_storage"
+    stage = "objmig_stream_object_storage"
 
     def __init__(self, copy, url, b64=False):
         self.copy = copy

@@ -86,3 +86,22 @@ def test_plain_documents_fill_the_budget_and_rows_without_size_count(db, cli, tm
     assert result.returncode == 0, result.stderr
     assert_within_budget(batches_from_log(result.stderr, order), more)
     assert_all_readable(db, None, docs + more)
+
+
+def test_rows_without_size_are_budgeted_by_their_measured_size(db, cli, tmp_path):
+    """Rows with no size (old Anchore versions) of ~3 MiB each in PostgreSQL:
+    counted as 1 MiB each, four would share a 4 MiB batch (12 MiB); measured
+    (octet_length), each is a batch of its own."""
+    docs = docs_of(4, 3 * 1024 * 1024, seed=4)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    db.execute("UPDATE archive_metadata SET size = NULL")
+    order = key_order(db, "db://")
+    source = write_config(tmp_path / "db.yaml", section("db"))
+    dest = write_config(tmp_path / "db2.yaml", section("db2"))
+    result = cli("--verbose", "migrate", source, dest, "--dontask", "--workers", "1", "--batch-bytes", "4MiB")
+    assert result.returncode == 0, result.stderr
+    batches = batches_from_log(result.stderr, order)
+    assert sorted(a for batch in batches for a in batch) == sorted(doc.archive_id for doc in docs)
+    assert [len(batch) for batch in batches] == [1, 1, 1, 1]
+    assert "streaming" not in result.stderr  # ~3 MiB: below the 4 MiB budget, held whole
+    assert_all_readable(db, None, docs)

@@ -363,3 +363,48 @@ def test_verify_reads_large_documents_as_streams(db, s3, cli, tmp_path):
     assert "checking admin/analysis_data/big-binary (" in result.stderr
     bad = [line for line in result.stderr.splitlines() if "BAD " in line]
     assert len(bad) == 1 and "big-json-0" in bad[0] and "digest mismatch" in bad[0], result.stderr
+
+
+def test_a_smaller_batch_budget_lowers_the_streaming_threshold(db, s3, cli, tmp_path):
+    """With no test threshold: --batch-bytes 2MiB streams the ~3-4 MB
+    documents (above the budget) and keeps the small ones on the batch path;
+    in S3 a compressed object of ~0.5 MiB that inflates to ~20 MiB streams too."""
+    bomb = anchore_sim.Doc("admin", "analysis_data", "big-inflating", inflating(20 * 1024 * 1024))
+    docs = seed_docs() + [bomb]
+    bucket = s3.new_bucket()
+    anchore_sim.store(db, s3.location(bucket, compress=True), docs)
+    size = db.execute("""SELECT size FROM archive_metadata WHERE "archiveId" = 'big-inflating'""").fetchone()[0]
+    assert 256 * 1024 < size < 1024 * 1024  # stored: below 2 MiB, decoded: far above
+    source = write_config(tmp_path / "a.yaml", section("s3", s3.driver_config(bucket), compress=True))
+    dest = write_config(tmp_path / "b.yaml", section("db"))
+    result = cli("migrate", source, dest, "--dontask", "--workers", "1", "--batch-bytes", "2MiB")
+    assert result.returncode == 0, result.stderr
+    assert streamed(result.stderr) == {f"admin/analysis_data/{doc.archive_id}" for doc in docs[:3] + [bomb]}
+    assert_all_readable(db, s3.client, docs)
+    assert s3.keys(bucket) == []
+
+
+def inflating(size):
+    """About `size` bytes of JSON that zlib shrinks some 40 times: a repeated
+    record, each with numbers of its own."""
+    rng = random.Random(5)
+    record = "pkg-" + "abcdefgh" * 60
+    text = "".join(f"{record}:{rng.randrange(10**12)}:{rng.randrange(10**12)} " for _ in range(size // 510))
+    return json.dumps({"text": text}).encode()
+
+
+def test_verify_streams_a_small_object_that_inflates_past_the_threshold(db, s3, cli, tmp_path):
+    """~0.5 MiB stored, ~20 MiB decompressed: below the threshold by its row,
+    it is decompressed with a limit and then checked in pieces, never inflated whole."""
+    bomb = anchore_sim.Doc("admin", "analysis_data", "big-inflating", inflating(20 * 1024 * 1024))
+    docs = anchore_sim.make_docs(10, seed=43) + [bomb]
+    bucket = s3.new_bucket()
+    anchore_sim.store(db, s3.location(bucket, compress=True), docs)
+    size = db.execute("""SELECT size FROM archive_metadata WHERE "archiveId" = 'big-inflating'""").fetchone()[0]
+    assert 256 * 1024 < size < 1024 * 1024
+    result = cli("verify", write_config(tmp_path / "s3.yaml", section("s3", s3.driver_config(bucket), compress=True)),
+                 env=STREAM)
+    assert result.returncode == 0, result.stderr
+    checked = re.findall(r"checking (\S+) \(", result.stderr)
+    assert checked == ["admin/analysis_data/big-inflating"], result.stderr
+    assert f"verified {len(docs)} documents" in result.stdout

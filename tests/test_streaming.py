@@ -408,3 +408,28 @@ def test_verify_streams_a_small_object_that_inflates_past_the_threshold(db, s3, 
     checked = re.findall(r"checking (\S+) \(", result.stderr)
     assert checked == ["admin/analysis_data/big-inflating"], result.stderr
     assert f"verified {len(docs)} documents" in result.stdout
+
+
+def test_a_ranged_get_answered_with_the_wrong_range_is_hung_up_on_and_read_again(db, s3, cli, tmp_path):
+    """A server that ignores Range (200 and the whole of a huge body) is hung
+    up on before its body is read; a 206 of another range than asked for is
+    refused, though its length and ETag match. Both are read again."""
+    docs = seed_docs()
+    bucket = s3.new_bucket()
+    anchore_sim.store(db, s3.location(bucket, compress=True), docs)
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(Rule("ignorerange", method="GET", path="big-binary", times=1),
+                  Rule("shiftrange", method="GET", path="big-binary", times=1))  # then on the read again
+        source = write_config(tmp_path / "a.yaml", section("s3", through_proxy(s3, proxy, bucket), compress=True))
+        dest = write_config(tmp_path / "b.yaml", section("db"))
+        result = cli("migrate", source, dest, "--dontask", "--workers", "1", env=STREAM)
+        assert [rule.fired for rule in proxy.rules] == [1, 1]
+        flooded = proxy.rules[0].sent
+    assert result.returncode == 0, result.stderr
+    assert flooded < 64 * 1024 * 1024  # of 256 MiB offered: only what the sockets' buffers took
+    assert "WrongRange: asked for bytes 0-" in result.stderr and "the answer was 200 with no Content-Range" in result.stderr
+    assert "the answer was 206 with bytes 1-" in result.stderr
+    assert "admin/analysis_data/big-binary" in streamed(result.stderr)
+    assert_all_readable(db, s3.client, docs)
+    assert_stored_as_anchore_would(db, s3, docs, False)
+    assert s3.keys(bucket) == []

@@ -433,3 +433,39 @@ def test_a_ranged_get_answered_with_the_wrong_range_is_hung_up_on_and_read_again
     assert_all_readable(db, s3.client, docs)
     assert_stored_as_anchore_would(db, s3, docs, False)
     assert s3.keys(bucket) == []
+
+
+def test_an_upload_left_by_a_worker_killed_mid_stream_is_aborted_when_the_run_finishes(db, s3, cli, tmp_path):
+    """A joiner killed in the middle of a multipart upload: the run's main
+    process takes its shard over, writes the document afresh and, once every
+    shard is over (no live worker may complete the old upload), aborts it."""
+    from test_run_integrity import FAST, LEASE, Tool
+
+    docs = seed_docs()[:3] + anchore_sim.make_docs(4, seed=44)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = s3.new_bucket()
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket, **FAST)))  # takeover in seconds
+    args = ["migrate", source, dest, "--dontask", "--workers", "1", "--progress", "none", *LEASE, *PART]
+    main = Tool(cli.dsn, args, {**STREAM, "OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
+    joiner = None
+    try:
+        main.wait_stopped()
+        joiner = Tool(cli.dsn, [*args, "--join"], {**STREAM, "OBJMIG_CRASH_AT": "stream-chunk:2"}, tmp_path, "joiner")
+        assert joiner.process.wait(timeout=120) == -signal.SIGKILL, joiner.log_path.read_text()
+        left = s3.client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        assert [upload["Key"] for upload in left] == ["admin/analysis_data/big-binary"]
+        main.resume()
+        code, log = main.finish()
+    finally:  # never leave a stopped process behind
+        if joiner is not None and joiner.process.poll() is None:
+            joiner.process.kill()
+        if main.process.poll() is None:
+            main.resume()
+    assert code == 0, log
+    assert "took over shard" in log
+    assert "aborted 1 incomplete multipart uploads left under" in log and "stopped mid-stream" in log
+    assert s3.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert_all_readable(db, s3.client, docs)
+    assert len(s3.keys(bucket)) == len(docs)
+    assert task_rows(db)[-1][0] == "complete"

@@ -123,7 +123,10 @@ class Verifier:
         trimmed to the byte budget as a migration's batches are."""
         def trim(rows):
             measured = streaming.measured_sizes(self.context.db_connection(), self.driver, rows)
-            return worker.within_bytes(rows, self.batch_bytes, measured)[0]
+            rows, decoded = worker.within_bytes(rows, self.batch_bytes, measured)
+            log.debug("shard %d: batch of %d documents from %s to %s, about %d bytes decoded (budget %d)",
+                      shard.shard_no, len(rows), rows[0].label, rows[-1].label, decoded, self.batch_bytes)
+            return rows
 
         return plan.shard_rows(self.context.db_connection(), self.where, shard, self.batch_size, make=DocRow,
                                trim=trim)

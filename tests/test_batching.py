@@ -105,3 +105,19 @@ def test_rows_without_size_are_budgeted_by_their_measured_size(db, cli, tmp_path
     assert [len(batch) for batch in batches] == [1, 1, 1, 1]
     assert "streaming" not in result.stderr  # ~3 MiB: below the 4 MiB budget, held whole
     assert_all_readable(db, None, docs)
+
+
+def test_verify_batches_keep_to_the_byte_budget(db, cli, tmp_path):
+    """verify holds a batch's documents as migrate does: 40 documents of ~1 MiB
+    are three batches under its 32 MiB budget, not one of 40 MiB (500 rows)."""
+    docs = docs_of(40, 1024 * 1024, seed=5)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    db.execute("""UPDATE archive_metadata SET size = NULL WHERE "archiveId" = 'sha256:00055'""")  # measured, not 1 MiB
+    order = key_order(db, "db://")
+    result = cli("--verbose", "verify", write_config(tmp_path / "db.yaml", section("db")))
+    assert result.returncode == 0, result.stderr
+    batches = batches_from_log(result.stderr, order)
+    assert sorted(a for batch in batches for a in batch) == sorted(doc.archive_id for doc in docs)
+    assert len(batches) >= 2
+    decoded = {doc.archive_id: len(doc.content) for doc in docs}
+    assert all(sum(decoded[a] for a in batch) <= 32 * 1024 * 1024 for batch in batches)

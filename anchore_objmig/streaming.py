@@ -82,24 +82,26 @@ def threshold_for(batch_bytes):
 
 def measured_sizes(conn, source, rows):
     """{content_url: stored size} of the rows with no size (old Anchore
-    versions), measured where that costs no read of the document: PostgreSQL
-    (octet_length) and localfs (stat). S3 rows with no size are not measured."""
+    versions), measured without a read of the document: octet_length in
+    PostgreSQL, stat on localfs, a HEAD in S3."""
     unknown = [row.content_url for row in rows if row.size is None]
     if unknown and source.in_catalog_db:
         return stream_read.sizes_in_db(conn, source.scheme, unknown)
     if unknown and source.name == "localfs":
         return stream_read.sizes_of_files(unknown)
+    if unknown and source.name == "s3":
+        return source.sizes_of(unknown)
     return {}
 
 
-def large_rows(conn, source, dest, rows, threshold=THRESHOLD):
+def large_rows(conn, source, dest, rows, threshold=THRESHOLD, measured=None):
     """The rows to stream: stored size above `threshold`. Rows with no size
-    (old Anchore versions) in PostgreSQL or localfs are measured there; in S3
-    they are read whole (a compressed one still streams if it decompresses past
-    the threshold)."""
+    (old Anchore versions) are measured (measured_sizes), but those whose size
+    `measured` already says."""
     if not can_stream(source, dest):
         return []
-    measured = measured_sizes(conn, source, rows)
+    measured = measured or {}
+    measured = {**measured, **measured_sizes(conn, source, [row for row in rows if row.content_url not in measured])}
     return [row for row in rows
             if (row.size if row.size is not None else measured.get(row.content_url, 0)) > threshold]
 

@@ -113,6 +113,7 @@ class Verifier:
         self.batch_size = spec.batch_size
         self.batch_bytes = spec.batch_bytes
         self.threshold = streaming.threshold_for(spec.batch_bytes)
+        self.measured = {}  # content_url: stored size, of rows with no size, measured when their batch was cut
 
     def close(self):
         self.driver.close()
@@ -122,8 +123,9 @@ class Verifier:
         """The shard's rows, a batch at a time, in key order (keyset paging),
         trimmed to the byte budget as a migration's batches are."""
         def trim(rows):
-            measured = streaming.measured_sizes(self.context.db_connection(), self.driver, rows)
-            rows, decoded = worker.within_bytes(rows, self.batch_bytes, measured)
+            self.measured.update(streaming.measured_sizes(self.context.db_connection(), self.driver,
+                                                          [row for row in rows if row.content_url not in self.measured]))
+            rows, decoded = worker.within_bytes(rows, self.batch_bytes, self.measured)
             log.debug("shard %d: batch of %d documents from %s to %s, about %d bytes decoded (budget %d)",
                       shard.shard_no, len(rows), rows[0].label, rows[-1].label, decoded, self.batch_bytes)
             return rows
@@ -155,7 +157,10 @@ class Verifier:
         if not rows:
             return []
         # Documents too large to hold whole are read as streams (streaming.check).
-        large = set(streaming.large_rows(self.context.db_connection(), self.driver, self.driver, rows, self.threshold))
+        measured = {row.content_url: self.measured.pop(row.content_url) for row in rows
+                    if row.content_url in self.measured}
+        large = set(streaming.large_rows(self.context.db_connection(), self.driver, self.driver, rows, self.threshold,
+                                         measured))
         found = self.read(row.content_url for row in rows if row not in large)
         suspects = []
         for row in rows:

@@ -247,7 +247,7 @@ class Flight:
     last: bool  # the last batch of its shard
 
 
-def launch_batch(conn, lease, rows, source, dest, dest_store, last, threshold=streaming.THRESHOLD):
+def launch_batch(conn, lease, rows, source, dest, dest_store, last, threshold=streaming.THRESHOLD, measured=None):
     """Read, check and re-encode a batch, and start writing it (without waiting).
 
     The lease is checked right before the writes start, so a worker that lost
@@ -256,7 +256,7 @@ def launch_batch(conn, lease, rows, source, dest, dest_store, last, threshold=st
     result = BatchResult()
     # Documents too large to hold whole are streamed one at a time, first, and
     # join the batch's items already written; see streaming.py.
-    large = streaming.large_rows(conn, source, dest, rows, threshold)
+    large = streaming.large_rows(conn, source, dest, rows, threshold, measured)
     too_large = [] if streaming.can_stream(source, dest) else None
     if large:
         ledger.confirm_lease(conn, lease)
@@ -301,9 +301,9 @@ def land_batch(flight, conn, source, delete_source):
 # more than its estimate still moves: its batch exceeds the budget by the
 # difference.
 COMPRESSED_EXPANSION = 20
-# Rows from old Anchore versions may have no size; those in PostgreSQL or
-# localfs are measured (streaming.measured_sizes), the others (S3) count as
-# this many stored bytes (most Anchore documents are well under it).
+# Rows from old Anchore versions may have no size; they are measured
+# (streaming.measured_sizes), and one that cannot be (its object not found)
+# counts as this many stored bytes (most Anchore documents are well under it).
 UNKNOWN_STORED_SIZE = 1024 * 1024
 
 
@@ -536,12 +536,15 @@ class Pipeline:
     def __init__(self, spec, source, dest, fence, on_batch):
         self.spec, self.source, self.dest, self.fence, self.on_batch = spec, source, dest, fence, on_batch
         self.in_flight = collections.deque()  # Flights
+        self.measured = {}  # content_url: stored size, of rows with no size measured when their batch was cut
 
     def launch(self, conn, lease, rows, last):
         self.fence.check()
         self.fence.progress()
+        measured = {row.content_url: self.measured.pop(row.content_url) for row in rows
+                    if row.content_url in self.measured}
         self.in_flight.append(launch_batch(conn, lease, rows, self.source, self.dest, self.spec.dest, last,
-                                           self.spec.stream_threshold))
+                                           self.spec.stream_threshold, measured))
         while len(self.in_flight) > self.DEPTH:
             self.land_oldest(conn)
 
@@ -578,8 +581,11 @@ def move_shard(pipeline, conn, where, lease):
     """Launch every batch of a shard; the last is known one batch ahead."""
     spec = pipeline.spec
     previous = None
-    def measure(conn, rows):
-        return streaming.measured_sizes(conn, pipeline.source, rows)
+    def measure(conn, rows):  # each row once (an S3 HEAD each), kept for its batch's launch
+        known = pipeline.measured
+        known.update(streaming.measured_sizes(conn, pipeline.source, [row for row in rows
+                                                                      if row.content_url not in known]))
+        return known
 
     for rows in shard_batches(conn, where, lease.shard, spec.batch_size, spec.batch_bytes, measure):
         if previous is not None:

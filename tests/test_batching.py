@@ -121,3 +121,24 @@ def test_verify_batches_keep_to_the_byte_budget(db, cli, tmp_path):
     assert len(batches) >= 2
     decoded = {doc.archive_id: len(doc.content) for doc in docs}
     assert all(sum(decoded[a] for a in batch) <= 32 * 1024 * 1024 for batch in batches)
+
+
+def test_s3_rows_without_size_are_measured_with_a_head(db, s3, cli, tmp_path):
+    """In S3 too, rows with no size are measured (a HEAD) before their batch is
+    cut: ~3 MiB objects are batches of one under a 4 MiB budget, and a ~5 MiB
+    one (above the budget, so above the streaming threshold) is streamed."""
+    docs = docs_of(4, 3 * 1024 * 1024, seed=6)
+    large = docs_of(1, 5 * 1024 * 1024, seed=7)
+    bucket = s3.new_bucket()
+    anchore_sim.store(db, s3.location(bucket), docs + large)
+    db.execute("UPDATE archive_metadata SET size = NULL")
+    order = key_order(db, "s3://")
+    source = write_config(tmp_path / "s3.yaml", section("s3", s3.driver_config(bucket)))
+    dest = write_config(tmp_path / "db.yaml", section("db"))
+    result = cli("--verbose", "migrate", source, dest, "--dontask", "--workers", "1", "--batch-bytes", "4MiB")
+    assert result.returncode == 0, result.stderr
+    batches = batches_from_log(result.stderr, order)
+    assert sorted(a for batch in batches for a in batch) == sorted(doc.archive_id for doc in docs + large)
+    assert [len(batch) for batch in batches] == [1] * 5
+    assert re.findall(r"streaming (\S+) \(size unknown\)", result.stderr) == [f"admin/analysis_data/{large[0].archive_id}"]
+    assert_all_readable(db, s3.client, docs + large)

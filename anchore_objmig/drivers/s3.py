@@ -209,6 +209,19 @@ class S3Driver(Driver):
     def read_proven(self, urls):
         return dict(zip(urls, self.executor().map(self.read_one, urls)))
 
+    def sizes_of(self, urls):
+        """{url: Content-Length} of the objects a HEAD finds; the others are
+        left out (their read reports them)."""
+        def size(url):
+            try:
+                bucket, key = split_s3_url(url)
+                _, headers, _ = self.fast.request("HeadObject", "HEAD", bucket, key)
+                return int(headers["content-length"])
+            except (s3_crt.HotPathError, StorageError, KeyError, ValueError):
+                return None
+
+        return {url: found for url, found in zip(urls, self.executor().map(size, urls)) if found is not None}
+
     def read_one(self, url):
         """(bytes or exception, proven by the ETag); short and cut-off bodies
         are read again, with backoff, up to max_attempts times."""

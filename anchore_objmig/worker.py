@@ -98,11 +98,11 @@ def read_sources(source, rows):
         return {row.content_url: (exc, False) for row in rows}
 
 
-def prepare_writes(rows, found, dest, dest_store, result, too_large=None, threshold=streaming.THRESHOLD):
+def prepare_writes(rows, found, dest, dest_store, result, too_large=None, stream_threshold=streaming.THRESHOLD):
     """Decode and check each document, then encode it for the destination.
     Each document fails alone: the rest of the batch goes on. With a list
-    `too_large`, documents that decompress past `threshold` (the streaming
-    threshold) go there, to be streamed, instead of being held whole."""
+    `too_large`, documents that decompress past `stream_threshold` go there,
+    to be streamed, instead of being held whole."""
     compress = dest_store.compression_enabled and dest.supports_compression
     threshold = dest_store.compression_threshold
     items = []
@@ -116,7 +116,7 @@ def prepare_writes(rows, found, dest, dest_store, result, too_large=None, thresh
             result.failures.append((row, f"{kind}: {stored}"))
             continue
         try:
-            limit = threshold if too_large is not None else None
+            limit = stream_threshold if too_large is not None else None
             plain = codec.decode(stored, row.is_compressed, row.digest, row.size, limit)
             # The digest was just checked against these very bytes when they were stored plain.
             encoded = codec.encode(plain, compress, threshold, None if row.is_compressed else row.digest)

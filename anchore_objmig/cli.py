@@ -288,7 +288,7 @@ def add_commands(commands, manager_only=False):
     migrate.add_argument(
         "--batch-bytes", type=batch_bytes_size, default=32 * 1024 * 1024, metavar="SIZE",
         help="about this many decoded bytes per batch (default 32MiB; a compressed document counts as 20 times "
-        "its stored size, a row without a size as 1MiB; one larger document is a batch of its own)",
+        "its stored size, a row without a size as measured; a document stored or decoding above it is streamed, not held whole)",
     )
     migrate.add_argument("--shard-size", type=positive_int, default=5000, metavar="N", help="at most N documents per shard (default 5000; fewer in a small run, so each worker has about 4 shards)")
     migrate.add_argument(

@@ -8,6 +8,7 @@ on other hosts with --join) claim shards from the database until none is left.
 import logging
 import time
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 
 import psycopg
 import yaml
@@ -180,10 +181,10 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
     guard = supervisor.RunGuard(db_settings, task_id, lock_conn)
     guard.start()
     spec = worker_spec(options, db_settings, source_store, dest_store, task_id)
-    return work_on_run(options, db_settings, spec, guard, source, dest_store, task_id)
+    return work_on_run(options, db_settings, spec, guard, source, dest, dest_store, task_id)
 
 
-def work_on_run(options, db_settings, spec, guard, source, dest_store, task_id):
+def work_on_run(options, db_settings, spec, guard, source, dest, dest_store, task_id):
     """This host's part of a run, and the run's end if this host holds its lock."""
     started = time.monotonic()
     work = db.Reconnecting(db_settings)
@@ -208,8 +209,12 @@ def work_on_run(options, db_settings, spec, guard, source, dest_store, task_id):
                 log.info("no shards left for this host in task %d; the host holding the migration lock finishes it",
                          task_id)
                 return EXIT_OK
+            # Every shard is over: no worker of the run holds a lease, so none may
+            # still complete a write (the fence); what stopped ones left goes.
+            over_at = datetime.now(timezone.utc)
             if options.delete_source:
                 retrying(work, lambda conn: finish_pending_deletes(conn, source))
+            retrying(work, lambda conn: dest.clean_up_after_run(conn, over_at))
             crash_point("before-finish")
             return retrying(work, lambda conn: finish(conn, task_id, dest_store, options, time.monotonic() - started))
         except (KeyboardInterrupt, Terminated) as stop:
@@ -424,7 +429,7 @@ def join(conn, options, db_settings, source_store, dest_store, source, dest):
     guard = supervisor.RunGuard(db_settings, run_row.task_id)
     guard.start()
     spec = worker_spec(options, db_settings, source_store, dest_store, run_row.task_id)
-    return work_on_run(options, db_settings, spec, guard, source, dest_store, run_row.task_id)
+    return work_on_run(options, db_settings, spec, guard, source, dest, dest_store, run_row.task_id)
 
 
 def finish(conn, task_id, dest_store, options, seconds):

@@ -37,9 +37,10 @@ from anchore_objmig.ledger import LeaseLost
 
 log = logging.getLogger(__name__)
 
-# Stored bytes above which a document is streamed: the batch byte budget, so
-# no document held whole is larger than a batch may be. The environment
-# variable lowers it for the tests.
+# Stored bytes above which a document is streamed, at most: a run streams
+# above its batch byte budget when that is smaller (threshold_for), so no
+# document held whole is larger than a batch may be. The environment variable
+# lowers it for the tests.
 THRESHOLD = int(os.environ.get("OBJMIG_STREAM_THRESHOLD") or 32 * 1024 * 1024)
 PIECE = stream_read.SLICE  # at most this many decompressed bytes at a time (a zlib bomb stays a stream)
 STREAMABLE = {"db", "db2", "s3", "localfs"}  # drivers that can be read and written as streams
@@ -74,20 +75,36 @@ def can_stream(source, dest):
     return source.name in STREAMABLE and dest.name in STREAMABLE
 
 
-def large_rows(conn, source, dest, rows):
-    """The rows to stream: stored size above THRESHOLD. Rows with no size (old
-    Anchore versions) in PostgreSQL or localfs are measured there; in S3 they
-    are read whole (a compressed one still streams if it decompresses past THRESHOLD)."""
+def threshold_for(batch_bytes):
+    """The streaming threshold of a run: a smaller --batch-bytes lowers the
+    largest document held whole too (the advice after an OOM)."""
+    return min(THRESHOLD, batch_bytes)
+
+
+def measured_sizes(conn, source, rows):
+    """{content_url: stored size} of the rows with no size (old Anchore
+    versions), measured without a read of the document: octet_length in
+    PostgreSQL, stat on localfs, a HEAD in S3."""
+    unknown = [row.content_url for row in rows if row.size is None]
+    if unknown and source.in_catalog_db:
+        return stream_read.sizes_in_db(conn, source.scheme, unknown)
+    if unknown and source.name == "localfs":
+        return stream_read.sizes_of_files(unknown)
+    if unknown and source.name == "s3":
+        return source.sizes_of(unknown)
+    return {}
+
+
+def large_rows(conn, source, dest, rows, threshold=THRESHOLD, measured=None):
+    """The rows to stream: stored size above `threshold`. Rows with no size
+    (old Anchore versions) are measured (measured_sizes), but those whose size
+    `measured` already says."""
     if not can_stream(source, dest):
         return []
-    unknown = [row.content_url for row in rows if row.size is None]
-    measured = {}
-    if unknown and source.in_catalog_db:
-        measured = stream_read.sizes_in_db(conn, source.scheme, unknown)
-    elif unknown and source.name == "localfs":
-        measured = stream_read.sizes_of_files(unknown)
+    measured = measured or {}
+    measured = {**measured, **measured_sizes(conn, source, [row for row in rows if row.content_url not in measured])}
     return [row for row in rows
-            if (row.size if row.size is not None else measured.get(row.content_url, 0)) > THRESHOLD]
+            if (row.size if row.size is not None else measured.get(row.content_url, 0)) > threshold]
 
 
 def described(row):

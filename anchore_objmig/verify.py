@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from psycopg import sql
 
-from anchore_objmig import codec, db, logs, metrics, plan, streaming
+from anchore_objmig import codec, db, logs, metrics, plan, streaming, worker
 from anchore_objmig.config import load_store_config
 from anchore_objmig.display import ProgressDisplay, human_bytes, print_json
 from anchore_objmig.drivers import DocRow, DriverContext, NotFound, make_driver
@@ -65,6 +65,7 @@ class VerifySpec:
     buckets: tuple
     batch_size: int
     io_threads: int
+    batch_bytes: int = 32 * 1024 * 1024  # decoded bytes held per batch, as migrate's default --batch-bytes
 
 
 @dataclass
@@ -110,14 +111,27 @@ class Verifier:
         self.driver = make_driver(spec.store, self.context)
         self.where = location_filter(self.driver, spec.buckets)
         self.batch_size = spec.batch_size
+        self.batch_bytes = spec.batch_bytes
+        self.threshold = streaming.threshold_for(spec.batch_bytes)
+        self.measured = {}  # content_url: stored size, of rows with no size, measured when their batch was cut
 
     def close(self):
         self.driver.close()
         self.context.close()
 
     def batches(self, shard):
-        """The shard's rows, a batch at a time, in key order (keyset paging)."""
-        return plan.shard_rows(self.context.db_connection(), self.where, shard, self.batch_size, make=DocRow)
+        """The shard's rows, a batch at a time, in key order (keyset paging),
+        trimmed to the byte budget as a migration's batches are."""
+        def trim(rows):
+            self.measured.update(streaming.measured_sizes(self.context.db_connection(), self.driver,
+                                                          [row for row in rows if row.content_url not in self.measured]))
+            rows, decoded = worker.within_bytes(rows, self.batch_bytes, self.measured)
+            log.debug("shard %d: batch of %d documents from %s to %s, about %d bytes decoded (budget %d)",
+                      shard.shard_no, len(rows), rows[0].label, rows[-1].label, decoded, self.batch_bytes)
+            return rows
+
+        return plan.shard_rows(self.context.db_connection(), self.where, shard, self.batch_size, make=DocRow,
+                               trim=trim)
 
     def check_batch(self, rows):
         report = BatchReport()
@@ -143,11 +157,19 @@ class Verifier:
         if not rows:
             return []
         # Documents too large to hold whole are read as streams (streaming.check).
-        large = set(streaming.large_rows(self.context.db_connection(), self.driver, self.driver, rows))
+        measured = {row.content_url: self.measured.pop(row.content_url) for row in rows
+                    if row.content_url in self.measured}
+        large = set(streaming.large_rows(self.context.db_connection(), self.driver, self.driver, rows, self.threshold,
+                                         measured))
         found = self.read(row.content_url for row in rows if row not in large)
         suspects = []
         for row in rows:
-            reason = streaming.check(self.driver, row) if row in large else problem(row, found.get(row.content_url))
+            if row in large:
+                reason = streaming.check(self.driver, row)
+            else:
+                reason = problem(row, found.get(row.content_url), self.threshold)
+                if reason is TOO_LARGE:  # decompresses past the threshold: inflated again as a stream
+                    reason = streaming.check(self.driver, row)
             if reason:
                 suspects.append((row, reason))
             else:
@@ -186,8 +208,12 @@ def key_of(row):
     return (row.bucket, row.archive_id, row.user_id, row.document_name)
 
 
-def problem(row, stored):
-    """Why the stored bytes do not serve this row, or None if they do."""
+TOO_LARGE = "too large to decompress whole"
+
+
+def problem(row, stored, limit=None):
+    """Why the stored bytes do not serve this row, or None if they do; TOO_LARGE
+    when they decompress to more than `limit` (to be checked as a stream)."""
     if stored is None or isinstance(stored, NotFound):
         return "not found"
     if isinstance(stored, Exception):
@@ -196,9 +222,12 @@ def problem(row, stored):
     if row.size is not None and len(stored) != row.size:
         reasons.append(f"size mismatch: metadata says {row.size} bytes, {len(stored)} stored")
     try:
-        codec.decode(stored, row.is_compressed, row.digest)
+        codec.decode(stored, row.is_compressed, row.digest, limit=limit)
     except (codec.DigestMismatch, codec.CorruptDocument) as exc:
         reasons.append(str(exc))
+    except codec.TooLarge:
+        if not reasons:
+            return TOO_LARGE
     return "; ".join(reasons) or None
 
 

@@ -61,6 +61,11 @@ class WorkerSpec:
     parent_pid: int | None = None  # a worker process exits when this process is gone
     instance: str = ""  # random, per host run: host:pid alone can repeat across containers
 
+    @property
+    def stream_threshold(self):
+        """Stored or decoded bytes above which a document is streamed, not held whole."""
+        return streaming.threshold_for(self.batch_bytes)
+
 
 @dataclass
 class BatchResult:
@@ -93,11 +98,11 @@ def read_sources(source, rows):
         return {row.content_url: (exc, False) for row in rows}
 
 
-def prepare_writes(rows, found, dest, dest_store, result, too_large=None):
+def prepare_writes(rows, found, dest, dest_store, result, too_large=None, stream_threshold=streaming.THRESHOLD):
     """Decode and check each document, then encode it for the destination.
     Each document fails alone: the rest of the batch goes on. With a list
-    `too_large`, documents that decompress past the streaming threshold go
-    there, to be streamed, instead of being held whole."""
+    `too_large`, documents that decompress past `stream_threshold` go there,
+    to be streamed, instead of being held whole."""
     compress = dest_store.compression_enabled and dest.supports_compression
     threshold = dest_store.compression_threshold
     items = []
@@ -111,7 +116,7 @@ def prepare_writes(rows, found, dest, dest_store, result, too_large=None):
             result.failures.append((row, f"{kind}: {stored}"))
             continue
         try:
-            limit = streaming.THRESHOLD if too_large is not None else None
+            limit = stream_threshold if too_large is not None else None
             plain = codec.decode(stored, row.is_compressed, row.digest, row.size, limit)
             # The digest was just checked against these very bytes when they were stored plain.
             encoded = codec.encode(plain, compress, threshold, None if row.is_compressed else row.digest)
@@ -242,7 +247,7 @@ class Flight:
     last: bool  # the last batch of its shard
 
 
-def launch_batch(conn, lease, rows, source, dest, dest_store, last):
+def launch_batch(conn, lease, rows, source, dest, dest_store, last, threshold=streaming.THRESHOLD, measured=None):
     """Read, check and re-encode a batch, and start writing it (without waiting).
 
     The lease is checked right before the writes start, so a worker that lost
@@ -251,7 +256,7 @@ def launch_batch(conn, lease, rows, source, dest, dest_store, last):
     result = BatchResult()
     # Documents too large to hold whole are streamed one at a time, first, and
     # join the batch's items already written; see streaming.py.
-    large = streaming.large_rows(conn, source, dest, rows)
+    large = streaming.large_rows(conn, source, dest, rows, threshold, measured)
     too_large = [] if streaming.can_stream(source, dest) else None
     if large:
         ledger.confirm_lease(conn, lease)
@@ -259,7 +264,7 @@ def launch_batch(conn, lease, rows, source, dest, dest_store, last):
     streamed = streaming.move(conn, lease, large, source, dest, dest_store, result)
     found = read_sources(source, rows)
     crash_point("after-read")
-    items = prepare_writes(rows, found, dest, dest_store, result, too_large)
+    items = prepare_writes(rows, found, dest, dest_store, result, too_large, threshold)
     del found  # the encoded bytes are all we hold from here on
     streamed += streaming.move(conn, lease, too_large or [], source, dest, dest_store, result)
     if dest.in_catalog_db:  # the writes join the fenced transaction and commit with it
@@ -296,23 +301,27 @@ def land_batch(flight, conn, source, delete_source):
 # more than its estimate still moves: its batch exceeds the budget by the
 # difference.
 COMPRESSED_EXPANSION = 20
-# Rows from old Anchore versions may have no size; each counts as this many
-# stored bytes (most Anchore documents are well under it).
+# Rows from old Anchore versions may have no size; they are measured
+# (streaming.measured_sizes), and one that cannot be (its object not found)
+# counts as this many stored bytes (most Anchore documents are well under it).
 UNKNOWN_STORED_SIZE = 1024 * 1024
 
 
-def decoded_estimate(row):
-    """The bytes a document takes once decoded, as far as its metadata row tells."""
-    stored = row.size if row.size is not None else UNKNOWN_STORED_SIZE
+def decoded_estimate(row, measured=None):
+    """The bytes a document takes once decoded, as far as its metadata row
+    (or, with no size in it, `measured`: {content_url: stored size}) tells."""
+    stored = row.size if row.size is not None else (measured or {}).get(row.content_url, UNKNOWN_STORED_SIZE)
     return stored * COMPRESSED_EXPANSION if row.is_compressed else stored
 
 
-def shard_batches(conn, where, shard, batch_size, batch_bytes):
+def shard_batches(conn, where, shard, batch_size, batch_bytes, measure=None):
     """The shard's documents still at the source, a batch at a time: at most
     `batch_size` documents and, but for a single large one, `batch_bytes`
-    counted in decoded bytes (decoded_estimate)."""
+    counted in decoded bytes (decoded_estimate). `measure(conn, rows)`: the
+    stored sizes of rows with no size, where they can be measured."""
     def trim(rows):
-        rows, decoded = within_bytes(rows, batch_bytes)
+        measured = measure(conn, rows) if measure is not None else None
+        rows, decoded = within_bytes(rows, batch_bytes, measured)
         log.debug("shard %d: batch of %d documents from %s to %s, about %d bytes decoded (budget %d)",
                   shard.shard_no, len(rows), rows[0].label, rows[-1].label, decoded, batch_bytes)
         return rows
@@ -320,12 +329,12 @@ def shard_batches(conn, where, shard, batch_size, batch_bytes):
     return plan.shard_rows(conn, where, shard, batch_size, make=DocRow, trim=trim)
 
 
-def within_bytes(rows, limit):
+def within_bytes(rows, limit, measured=None):
     """The leading rows whose decoded sizes (estimated) add up to at most
     `limit` (at least one row), and that estimate."""
     total = 0
     for count, row in enumerate(rows):
-        size = decoded_estimate(row)
+        size = decoded_estimate(row, measured)
         if total + size > limit and count > 0:
             return rows[:count], total
         total += size
@@ -527,11 +536,15 @@ class Pipeline:
     def __init__(self, spec, source, dest, fence, on_batch):
         self.spec, self.source, self.dest, self.fence, self.on_batch = spec, source, dest, fence, on_batch
         self.in_flight = collections.deque()  # Flights
+        self.measured = {}  # content_url: stored size, of rows with no size measured when their batch was cut
 
     def launch(self, conn, lease, rows, last):
         self.fence.check()
         self.fence.progress()
-        self.in_flight.append(launch_batch(conn, lease, rows, self.source, self.dest, self.spec.dest, last))
+        measured = {row.content_url: self.measured.pop(row.content_url) for row in rows
+                    if row.content_url in self.measured}
+        self.in_flight.append(launch_batch(conn, lease, rows, self.source, self.dest, self.spec.dest, last,
+                                           self.spec.stream_threshold, measured))
         while len(self.in_flight) > self.DEPTH:
             self.land_oldest(conn)
 
@@ -568,7 +581,13 @@ def move_shard(pipeline, conn, where, lease):
     """Launch every batch of a shard; the last is known one batch ahead."""
     spec = pipeline.spec
     previous = None
-    for rows in shard_batches(conn, where, lease.shard, spec.batch_size, spec.batch_bytes):
+    def measure(conn, rows):  # each row once (an S3 HEAD each), kept for its batch's launch
+        known = pipeline.measured
+        known.update(streaming.measured_sizes(conn, pipeline.source, [row for row in rows
+                                                                      if row.content_url not in known]))
+        return known
+
+    for rows in shard_batches(conn, where, lease.shard, spec.batch_size, spec.batch_bytes, measure):
         if previous is not None:
             pipeline.launch(conn, lease, previous, last=False)
         previous = rows

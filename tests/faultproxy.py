@@ -6,8 +6,11 @@ rule matches it, in which case it answers 503 SlowDown or 500, resets the
 connection, or delays before forwarding; or it forwards the request and spoils
 the answer's body: a 200 with a short body and a Content-Length to match
 ("short200"), a body cut off after the full Content-Length was announced
-("cutoff", closed cleanly) or reset mid-body ("resetbody"). Rules fire a
-bounded number of times.
+("cutoff", closed cleanly) or reset mid-body ("resetbody"); or it answers a
+ranged GET as a server that ignores Range would, with 200 and a huge body
+("ignorerange", counting in `sent` what the client let it send), or with
+another range than was asked for ("shiftrange": the Content-Range moved by a
+byte, the body spoilt). Rules fire a bounded number of times.
 """
 
 import http.client
@@ -32,11 +35,13 @@ class Rule:
     action: str  # "503" | "500" | "reset" | "delay" | "corrupt" (flip a byte of the body)
     #              | "droppart" (a CompleteMultipartUpload that lists all but its last part)
     #              | "short200" | "cutoff" | "resetbody" (spoil the answer's body, see the module doc)
+    #              | "ignorerange" | "shiftrange" (a wrong answer to a ranged GET, see the module doc)
     method: str | None = None  # e.g. "PUT"; None: any
     path: str | None = None  # regex searched in the request path (with query)
     times: int | None = 1  # how often it fires; None: always
     delay: float = 0.0  # seconds, for "delay"
     fired: int = 0
+    sent: int = 0  # body bytes the client took, for "ignorerange"
 
     def matches(self, method, path):
         if self.times is not None and self.fired >= self.times:
@@ -86,9 +91,9 @@ class FaultProxy:
                     # blanked out, so the (signed) Content-Length still holds
                     body = re.sub(rb"<Part>(?:(?!<Part>).)*</Part>(?=</CompleteMultipartUpload>)",
                                   lambda m: b" " * len(m.group(0)), body, flags=re.S)
-                self.forward(body, rule.action if rule else None)
+                self.forward(body, rule.action if rule else None, rule)
 
-            def forward(self, body, spoil=None):
+            def forward(self, body, spoil=None, rule=None):
                 upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
@@ -100,10 +105,36 @@ class FaultProxy:
                     if spoil in ("short200", "cutoff", "resetbody") and answer.status in (200, 206) and len(data) > 1:
                         self.spoil_body(spoil, headers, data, answer.status)
                         return
+                    if spoil == "ignorerange" and answer.status == 206:
+                        self.flood({k: v for k, v in headers.items() if k.lower() != "content-range"}, rule)
+                        return
+                    if spoil == "shiftrange" and answer.status == 206:
+                        name = next(key for key in headers if key.lower() == "content-range")
+                        first, rest = headers[name].split(" ", 1)[1].split("-", 1)
+                        last, length = rest.split("/")
+                        headers[name] = f"bytes {int(first) + 1}-{int(last) + 1}/{length}"
+                        self.reply(206, headers, bytes([data[0] ^ 0xFF]) + data[1:])
+                        return
                     self.reply(answer.status, headers, data, head=self.command == "HEAD",
                                length=answer.getheader("Content-Length"))
                 finally:
                     upstream.close()
+
+            def flood(self, headers, rule, size=256 * 1024 * 1024):
+                """200 with `size` bytes of body, as long as the client reads them."""
+                self.send_response(200)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                chunk = b"\0" * (1024 * 1024)
+                try:
+                    for _ in range(size // len(chunk)):
+                        self.wfile.write(chunk)
+                        rule.sent += len(chunk)
+                except OSError:  # the client hung up
+                    pass
+                self.close_connection = True
 
             def spoil_body(self, how, headers, data, status=200):
                 """Answer 200 (206 to a ranged GET) with only 60 % of the body (the ETag kept)."""

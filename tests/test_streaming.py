@@ -550,3 +550,111 @@ def test_a_held_back_signal_is_raised_at_a_checkpoint_and_a_second_one_at_once()
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+
+
+def test_a_smaller_batch_budget_lowers_the_streaming_threshold(db, s3, cli, tmp_path):
+    """With no test threshold: --batch-bytes 2MiB streams the ~3-4 MB
+    documents (above the budget) and keeps the small ones on the batch path;
+    in S3 a compressed object of ~0.5 MiB that inflates to ~20 MiB streams too."""
+    bomb = anchore_sim.Doc("admin", "analysis_data", "big-inflating", inflating(20 * 1024 * 1024))
+    docs = seed_docs() + [bomb]
+    bucket = s3.new_bucket()
+    anchore_sim.store(db, s3.location(bucket, compress=True), docs)
+    size = db.execute("""SELECT size FROM archive_metadata WHERE "archiveId" = 'big-inflating'""").fetchone()[0]
+    assert 256 * 1024 < size < 1024 * 1024  # stored: below 2 MiB, decoded: far above
+    source = write_config(tmp_path / "a.yaml", section("s3", s3.driver_config(bucket), compress=True))
+    dest = write_config(tmp_path / "b.yaml", section("db"))
+    result = cli("migrate", source, dest, "--dontask", "--workers", "1", "--batch-bytes", "2MiB")
+    assert result.returncode == 0, result.stderr
+    assert streamed(result.stderr) == {f"admin/analysis_data/{doc.archive_id}" for doc in docs[:3] + [bomb]}
+    assert_all_readable(db, s3.client, docs)
+    assert s3.keys(bucket) == []
+
+
+def inflating(size):
+    """About `size` bytes of JSON that zlib shrinks some 40 times: a repeated
+    record, each with numbers of its own."""
+    rng = random.Random(5)
+    record = "pkg-" + "abcdefgh" * 60
+    text = "".join(f"{record}:{rng.randrange(10**12)}:{rng.randrange(10**12)} " for _ in range(size // 510))
+    return json.dumps({"text": text}).encode()
+
+
+def test_verify_streams_a_small_object_that_inflates_past_the_threshold(db, s3, cli, tmp_path):
+    """~0.5 MiB stored, ~20 MiB decompressed: below the threshold by its row,
+    it is decompressed with a limit and then checked in pieces, never inflated whole."""
+    bomb = anchore_sim.Doc("admin", "analysis_data", "big-inflating", inflating(20 * 1024 * 1024))
+    docs = anchore_sim.make_docs(10, seed=43) + [bomb]
+    bucket = s3.new_bucket()
+    anchore_sim.store(db, s3.location(bucket, compress=True), docs)
+    size = db.execute("""SELECT size FROM archive_metadata WHERE "archiveId" = 'big-inflating'""").fetchone()[0]
+    assert 256 * 1024 < size < 1024 * 1024
+    result = cli("verify", write_config(tmp_path / "s3.yaml", section("s3", s3.driver_config(bucket), compress=True)),
+                 env=STREAM)
+    assert result.returncode == 0, result.stderr
+    checked = re.findall(r"checking (\S+) \(", result.stderr)
+    assert checked == ["admin/analysis_data/big-inflating"], result.stderr
+    assert f"verified {len(docs)} documents" in result.stdout
+
+
+def test_a_ranged_get_answered_with_the_wrong_range_is_hung_up_on_and_read_again(db, s3, cli, tmp_path):
+    """A server that ignores Range (200 and the whole of a huge body) is hung
+    up on before its body is read; a 206 of another range than asked for is
+    refused, though its length and ETag match. Both are read again."""
+    docs = seed_docs()
+    bucket = s3.new_bucket()
+    anchore_sim.store(db, s3.location(bucket, compress=True), docs)
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(Rule("ignorerange", method="GET", path="big-binary", times=1),
+                  Rule("shiftrange", method="GET", path="big-binary", times=1))  # then on the read again
+        source = write_config(tmp_path / "a.yaml", section("s3", through_proxy(s3, proxy, bucket), compress=True))
+        dest = write_config(tmp_path / "b.yaml", section("db"))
+        result = cli("migrate", source, dest, "--dontask", "--workers", "1", env=STREAM)
+        assert [rule.fired for rule in proxy.rules] == [1, 1]
+        flooded = proxy.rules[0].sent
+    assert result.returncode == 0, result.stderr
+    assert flooded < 64 * 1024 * 1024  # of 256 MiB offered: only what the sockets' buffers took
+    assert "WrongRange: asked for bytes 0-" in result.stderr and "the answer was 200 with no Content-Range" in result.stderr
+    assert "the answer was 206 with bytes 1-" in result.stderr
+    assert "admin/analysis_data/big-binary" in streamed(result.stderr)
+    assert_all_readable(db, s3.client, docs)
+    assert_stored_as_anchore_would(db, s3, docs, False)
+    assert s3.keys(bucket) == []
+
+
+def test_an_upload_left_by_a_worker_killed_mid_stream_is_aborted_when_the_run_finishes(db, s3, cli, tmp_path):
+    """A joiner killed in the middle of a multipart upload: the run's main
+    process takes its shard over, writes the document afresh and, once every
+    shard is over (no live worker may complete the old upload), aborts it."""
+    from test_run_integrity import FAST, LEASE, Tool
+
+    docs = seed_docs()[:3] + anchore_sim.make_docs(4, seed=44)
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bucket = s3.new_bucket()
+    source = write_config(tmp_path / "a.yaml", section("db"))
+    dest = write_config(tmp_path / "b.yaml", section("s3", s3.driver_config(bucket, **FAST)))  # takeover in seconds
+    args = ["migrate", source, dest, "--dontask", "--workers", "1", "--progress", "none", *LEASE, *PART]
+    main = Tool(cli.dsn, args, {**STREAM, "OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
+    joiner = None
+    try:
+        main.wait_stopped()
+        joiner = Tool(cli.dsn, [*args, "--join"], {**STREAM, "OBJMIG_CRASH_AT": "stream-chunk:2"}, tmp_path, "joiner")
+        assert joiner.process.wait(timeout=120) == -signal.SIGKILL, joiner.log_path.read_text()
+        left = s3.client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        assert [upload["Key"] for upload in left] == ["admin/analysis_data/big-binary"]
+        main.resume()
+        code, log = main.finish()
+    finally:  # never leave a stopped process behind
+        if joiner is not None and joiner.process.poll() is None:
+            joiner.process.kill()
+        if main.process.poll() is None:
+            main.resume()
+    assert code == 0, log
+    assert "took over shard" in log
+    assert "aborted 1 incomplete multipart uploads left under" in log and "stopped mid-stream" in log
+    assert s3.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert_all_readable(db, s3.client, docs)
+    assert len(s3.keys(bucket)) == len(docs)
+    assert task_rows(db)[-1][0] == "complete"

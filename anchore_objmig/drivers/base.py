@@ -107,6 +107,12 @@ class Driver:
         """As a migration's destination, before it writes: remove what killed
         writes of earlier runs left behind (and say how much)."""
 
+    def clean_up_after_run(self, conn, before):
+        """As a migration's destination, once every shard of the run is over
+        (so no live worker of it may still finish a write): remove what writes
+        begun before `before` (a UTC datetime) by its killed or fenced-off
+        workers left behind."""
+
     def read_many(self, urls):
         """{url: stored bytes or the exception that stopped its read}."""
         raise NotImplementedError

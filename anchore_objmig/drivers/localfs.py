@@ -87,6 +87,9 @@ class LocalFsDriver(Driver):
         if removed:
             log.info("removed %d temporary files left in %s by interrupted writes", removed, self.directory)
 
+    def clean_up_after_run(self, conn, before):
+        self.clean_up_before_run(conn)  # only files whose writer is dead (or silent for long) go
+
     def close(self):
         if self.pool:
             self.pool.shutdown()

@@ -209,6 +209,19 @@ class S3Driver(Driver):
     def read_proven(self, urls):
         return dict(zip(urls, self.executor().map(self.read_one, urls)))
 
+    def sizes_of(self, urls):
+        """{url: Content-Length} of the objects a HEAD finds; the others are
+        left out (their read reports them)."""
+        def size(url):
+            try:
+                bucket, key = split_s3_url(url)
+                _, headers, _ = self.fast.request("HeadObject", "HEAD", bucket, key)
+                return int(headers["content-length"])
+            except (s3_crt.HotPathError, StorageError, KeyError, ValueError):
+                return None
+
+        return {url: found for url, found in zip(urls, self.executor().map(size, urls)) if found is not None}
+
     def read_one(self, url):
         """(bytes or exception, proven by the ETag); short and cut-off bodies
         are read again, with backoff, up to max_attempts times."""
@@ -311,10 +324,15 @@ class S3Driver(Driver):
             raise StorageError(f"s3://{bucket}/{key}: the finished upload's ETag {etag} is not {expected}, "
                                "the one its parts make")
 
-    def abort_stale_uploads(self, conn):
-        """Abort incomplete multipart uploads (left by killed runs) of the keys
-        this destination writes for archive_metadata rows; {aborted, others}."""
+    def abort_stale_uploads(self, conn, before=None):
+        """Abort incomplete multipart uploads (left by killed runs or workers)
+        of the keys this destination writes for archive_metadata rows, only
+        those begun before `before` if given; {aborted, others}."""
         uploads = self.incomplete_uploads()
+        if before is not None:
+            uploads = [(key, upload_id) for key, upload_id, started in uploads if started is None or started < before]
+        else:
+            uploads = [(key, upload_id) for key, upload_id, _ in uploads]
         mine = set(documents_keyed(conn, self.prefix, [key for key, _ in uploads]))
         aborted = 0
         for key, upload_id in uploads:
@@ -330,15 +348,28 @@ class S3Driver(Driver):
         return aborted, len(uploads) - len([u for u in uploads if u[0] in mine])
 
     def incomplete_uploads(self):
-        """(key, upload id) of every incomplete multipart upload under the prefix."""
+        """(key, upload id, when it was begun) of every incomplete multipart upload under the prefix."""
         found = []
         kwargs = {"Bucket": self.bucket, "Prefix": self.prefix}
         while True:
             answer = self.client.list_multipart_uploads(**kwargs)
-            found += [(upload["Key"], upload["UploadId"]) for upload in answer.get("Uploads", [])]
+            found += [(upload["Key"], upload["UploadId"], upload.get("Initiated")) for upload in answer.get("Uploads", [])]
             if not answer.get("IsTruncated"):
                 return found
             kwargs.update(KeyMarker=answer.get("NextKeyMarker", ""), UploadIdMarker=answer.get("NextUploadIdMarker", ""))
+
+    def clean_up_after_run(self, conn, before):
+        """A worker killed (or fenced off) mid-stream leaves its upload; the
+        worker that took its shard over wrote the document afresh."""
+        try:
+            aborted, _ = self.abort_stale_uploads(conn, before)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            log.warning("could not list incomplete multipart uploads in s3://%s/%s: %s", self.bucket, self.prefix,
+                        describe_error(exc))
+            return
+        if aborted:
+            log.info("aborted %d incomplete multipart uploads left under s3://%s/%s by workers of this run that "
+                     "were stopped mid-stream", aborted, self.bucket, self.prefix)
 
     def clean_up_before_run(self, conn):
         try:

@@ -6,7 +6,11 @@ Readers yield the document's *stored* bytes in order, a slice at a time:
   slices server-side (`substring`), on a connection of their own, from a copy
   of the value taken in one statement.
 - S3: a HEAD, then ranged GETs, each checked against the length asked for and
-  the object's ETag, so a short, cut-off or changed body never passes.
+  the object's ETag, so a short, cut-off or changed body never passes. The
+  GETs go through boto3, whose answer's status and headers come before its
+  body: a server that ignores Range (200) or answers another range is hung up
+  on before its body is read (awscrt hands headers over only once the whole
+  body is in memory).
 - localfs: the file, read in slices.
 """
 
@@ -15,6 +19,9 @@ import logging
 import os
 import random
 import time
+
+import botocore.exceptions
+import urllib3.exceptions
 
 from anchore_objmig import codec, db
 from anchore_objmig.drivers import localfs, s3_crt
@@ -194,11 +201,32 @@ class S3Reader:
             self.proven = True
 
     def slice(self, start, end, length, etag):
-        _, headers, data = self.driver.fast.request("GetObject", "GET", self.bucket, self.key,
-                                                    headers=[("Range", f"bytes={start}-{end}")])
-        if headers.get("etag") != etag:
-            raise Changed(f"{self.url} changed while it was read (ETag {etag}, then {headers.get('etag')})")
-        if len(data) != end - start + 1 or not headers.get("content-range", "").endswith(f"/{length}"):
+        """Bytes start-end, read only once the answer is a 206 of exactly them."""
+        try:
+            answer = self.driver.client.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{end}")
+        except botocore.exceptions.ClientError as exc:  # botocore already retried what it can
+            error = exc.response.get("Error", {})
+            raise s3_crt.HotPathError(error.get("Code", "Error"), error.get("Message", "")) from None
+        except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise s3_crt.TruncatedBody(type(exc).__name__, str(exc)) from None
+        body = answer["Body"]
+        try:  # closed unread on any wrong header: the connection is dropped, not drained
+            status = answer["ResponseMetadata"]["HTTPStatusCode"]
+            got = answer.get("ContentRange")
+            if status != 206 or got != f"bytes {start}-{end}/{length}":
+                raise s3_crt.TruncatedBody("WrongRange", f"asked for bytes {start}-{end}/{length}, the answer was "
+                                                         f"{status} with {got or 'no Content-Range'}")
+            if answer.get("ETag") != etag:
+                raise Changed(f"{self.url} changed while it was read (ETag {etag}, then {answer.get('ETag')})")
+            if answer.get("ContentLength") != end - start + 1:
+                raise s3_crt.TruncatedBody("ShortBody", f"bytes {start}-{end}: Content-Length "
+                                                        f"{answer.get('ContentLength')}")
+            data = body.read()
+        except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise s3_crt.TruncatedBody(type(exc).__name__, f"bytes {start}-{end}: {exc}") from None
+        finally:
+            body.close()
+        if len(data) != end - start + 1:
             raise s3_crt.TruncatedBody("ShortBody", f"bytes {start}-{end}: read {len(data)} bytes")
         return data
 

@@ -295,6 +295,11 @@ def add_commands(commands, manager_only=False):
         "--multipart-threshold", type=size_bytes, default=8 * 1024 * 1024, metavar="SIZE",
         help="S3 documents larger than this go up in parts of this size (default 8MiB)",
     )
+    migrate.add_argument(
+        "--toast-compression", choices=("lz4", "server"), default="lz4",
+        help="how PostgreSQL compresses the documents written into it: lz4 (default, when the server has it; about 3 "
+        "times faster to write than pglz, values read back the same) or the server's own default_toast_compression",
+    )
     migrate.add_argument("--show-secrets", action="store_true", help="print secrets in the final configuration section instead of <redacted>")
     add_progress_option(migrate)
     add_metrics_option(migrate)
@@ -410,6 +415,7 @@ def dispatch(args):
             batch_bytes=args.batch_bytes,
             shard_documents=args.shard_size,
             multipart_threshold=args.multipart_threshold,
+            toast_compression=args.toast_compression,
             lease_seconds=args.lease_seconds,
             join=args.join,
             dry_run=args.dry_run,

@@ -63,6 +63,7 @@ class DbSettings:
     statement_timeout: float = 0
     sslmode: str | None = None
     sslrootcert: str | None = None
+    toast_compression: str | None = None  # default_toast_compression of every session (toast.py), or the server's
 
     @property
     def display(self):
@@ -121,6 +122,8 @@ def connect(settings, autocommit=False, role="main"):
     ]
     if settings.statement_timeout:
         options.append(f"-c statement_timeout={int(settings.statement_timeout * 1000)}")
+    if settings.toast_compression:
+        options.append(f"-c default_toast_compression={settings.toast_compression}")
     kwargs["options"] = " ".join(options)
     delay = 0.5
     for attempt in range(settings.retries + 1):

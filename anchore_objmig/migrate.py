@@ -14,7 +14,7 @@ import psycopg
 import yaml
 from psycopg import sql
 
-from anchore_objmig import db, integrity, ledger, manifest, metrics, plan, preflight, prompt, scope, signals, supervisor, tasks, worker
+from anchore_objmig import db, integrity, ledger, manifest, metrics, plan, preflight, prompt, scope, signals, supervisor, tasks, toast, worker
 from anchore_objmig.config import load_store_config
 from anchore_objmig.display import ProgressDisplay, human_bytes, print_json
 from anchore_objmig.drivers import DriverContext, make_driver
@@ -46,6 +46,7 @@ class MigrateOptions:
     shard_documents: int = plan.DEFAULT_SHARD_DOCUMENTS
     shard_bytes: int = plan.DEFAULT_SHARD_BYTES
     multipart_threshold: int = 8 * 1024 * 1024
+    toast_compression: str = "lz4"  # toast.CHOICES
     lease_seconds: float = manifest.DEFAULT_LEASE_SECONDS
     join: bool = False
     dry_run: bool = False
@@ -124,6 +125,7 @@ def run(options, db_settings):
     conn = db.connect(db_settings, autocommit=True)
     try:
         db.require_anchore_tables(conn)
+        db_settings = toast.settle(conn, db_settings, options.toast_compression, dest.in_catalog_db)
         if not options.join:
             preflight.check_selection(conn, source, dest, options.buckets, options.allow_empty, source_store)
         if options.dry_run:

@@ -13,6 +13,8 @@ Anchore-like documents, and measures (see perf/README.md for why each):
   h   cost per document with 3 and with 300 accounts (db -> db2)
   i   the raw GET ceiling: the same objects read back by the same plain clients (s3 -> db's ceiling)
   j   db -> s3 and the raw PUT uploaders through a proxy adding --latency-ms of round-trip time
+  k   the raw PostgreSQL side of the same documents: COPY out of archive_document, and COPY into a
+      table shaped like it, with lz4 and with pglz TOAST compression (2 sessions, as 2 workers)
   m   peak memory moving one 300 MB document db -> s3, verify, s3 -> db, compressed in S3 (--huge, or --rows m)
 
 Every measurement starts from freshly reset tables and a fresh S3 bucket, and
@@ -29,6 +31,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -233,10 +236,12 @@ class Bench:
     def run_tool(self, label, from_config, to_config, workers, profile=None, command=None):
         """Run `anchore-objmig migrate` (or `command`, a list of arguments) as an operator
         would; wall seconds and what it used."""
+        experiment = shlex.split(self.args.tool_args) if self.args.tool_args and command is None else []
         command = command or ["migrate", from_config, to_config, "--dontask"]
         tool = [sys.executable, "-m", "anchore_objmig", "--db-connect", self.dsn, *command, "--workers", str(workers)]
         if self.args.io_threads:
             tool += ["--io-threads", str(self.args.io_threads)]
+        tool += experiment  # migrate options under test, e.g. --batch-bytes 64MiB
         if profile:  # (kind, output path): run under py-spy or cProfile
             tool, profile[0] = profiles.wrap_command(tool, profile[1])
         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
@@ -315,13 +320,13 @@ class Bench:
             self.row_h()
         if "m" in args.rows:
             self.row_m()
-        if not set(args.rows) & set("abcdfgij"):
+        if not set(args.rows) & set("abcdfgijk"):
             return
         self.log(f"generating {args.docs} documents" + (f" + {args.huge} huge ones" if args.huge else ""))
         self.docs = [doc for chunk in seeding.generate(args.docs, seed=7, huge=args.huge) for doc in chunk]
         self.corpus = {"plain_bytes": sum(len(d.content) for d in self.docs),
                        "largest": max(len(d.content) for d in self.docs)}
-        for row in "abcdfij":
+        for row in "abcdfijk":
             if row in args.rows:
                 getattr(self, f"row_{row}")()
         self.docs = []  # (g) streams its documents: the big sizes must not sit in memory
@@ -414,6 +419,30 @@ class Bench:
             if r.row == "j":
                 r.extra["latency_ms"] = args.latency_ms
         return result
+
+    def row_k(self):
+        """(k): what PostgreSQL alone takes to hand over the documents (db -> s3 reads them so) and to take
+        them in (s3 -> db writes them so): COPY in 2 sessions, one per account, as the tool's 2 workers."""
+        docset = self.seed_db(self.chunks())
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            users = [u for (u,) in conn.execute('SELECT DISTINCT "userId" FROM archive_document ORDER BY 1')]
+        what = "raw COPY out of archive_document (2 sessions)"
+        self.log(f"k: {what}")
+        seconds = in_sessions(lambda conn, user: copy_out(conn, user), users, self.dsn)
+        self.add(Result("k", what, docset.count, docset.plain_bytes, seconds, {"pg": "copy-out"}))
+        rows = {u: [(d.bucket, d.archive_id, d.user_id, d.archive_id + ".json", *anchore_sim.db_text(d.content))
+                    for d in self.docs if d.user_id == u] for u in users}
+        for method in ("lz4", "pglz"):
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                conn.execute("DROP TABLE IF EXISTS bench_copy_in")
+                conn.execute("CREATE TABLE bench_copy_in (LIKE archive_document INCLUDING ALL)")
+                conn.execute("CHECKPOINT")
+            what = f"raw COPY into a table like archive_document, {method} (2 sessions)"
+            self.log(f"k: {what}")
+            seconds = in_sessions(lambda conn, user: copy_in(conn, method, rows[user]), users, self.dsn)
+            self.add(Result("k", what, docset.count, docset.plain_bytes, seconds, {"pg": f"copy-in-{method}"}))
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("DROP TABLE bench_copy_in")
 
     def row_c(self):
         """(c): the sequential baseline, bounded by --baseline-seconds."""
@@ -567,6 +596,40 @@ def sql_move(dsn):
         return time.perf_counter() - started
 
 
+def in_sessions(work, users, dsn):
+    """Seconds for work(conn, user) run side by side, one session and thread per user."""
+    conns = [psycopg.connect(dsn) for _ in users]
+    try:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(users)) as pool:
+            list(pool.map(work, conns, users))
+        return time.perf_counter() - started
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def copy_out(conn, user):
+    """Every stored document of `user`, as the tool's db reader asks for them (binary COPY)."""
+    query = """COPY (SELECT "userId", bucket, "archiveId", jsondata, b64_encoded FROM archive_document
+                      WHERE "userId" = %s) TO STDOUT (FORMAT BINARY)"""
+    with conn.cursor() as cur, cur.copy(query, (user,)) as copy:
+        for _ in iter(copy.read, b""):
+            pass
+    conn.commit()
+
+
+def copy_in(conn, method, rows):
+    now = int(time.time())
+    with conn.cursor() as cur:
+        cur.execute(f"SET default_toast_compression = {method}")
+        with cur.copy('COPY bench_copy_in (bucket, "archiveId", "userId", "documentName", jsondata, b64_encoded, '
+                      "created_at, last_updated, record_state_key) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row((*row, now, now, "active"))
+    conn.commit()
+
+
 def stop_group(proc):
     """Stop a process we started in its own session, and everything it started, by its group id."""
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
@@ -607,19 +670,32 @@ def ratio_rows(results, machine):
     get_ceiling = fastest(by.get("i", []))
     rows = []
 
+    pg = {r.extra.get("pg"): r for r in by.get("k", [])}
     name = f"db→s3 ≥ {TARGET_CEILING} × raw PUT ceiling"
     if db_s3 and put_ceiling:
-        ratio = put_ceiling.seconds / db_s3.seconds  # same documents, same stored bytes: a ratio of times
-        rows.append((name, f"{ratio:.2f} × (ceiling: {put_ceiling.extra['client']})", ratio >= TARGET_CEILING))
+        rows.append((name, *throughput(put_ceiling, db_s3, TARGET_CEILING, put_ceiling.extra["client"])))
     else:
         rows.append((name, "not run (rows a and b)", None))
+    name = f"(added) db→s3 ≥ {TARGET_CEILING} × the whole move's ceiling: raw COPY out, then raw PUT"
+    if db_s3 and put_ceiling and "copy-out" in pg:
+        both = pg["copy-out"].seconds + put_ceiling.seconds
+        rows.append((name, *throughput(both, db_s3, TARGET_CEILING, f"{pg['copy-out'].seconds:.2f} s + "
+                                       f"{put_ceiling.seconds:.2f} s ({put_ceiling.extra['client']})")))
+    else:
+        rows.append((name, "not run (rows a, b and k)", None))
 
     name = f"s3→db ≥ {TARGET_GET} × raw GET ceiling"
     if s3_db and get_ceiling:
-        ratio = get_ceiling.seconds / s3_db.seconds
-        rows.append((name, f"{ratio:.2f} × (ceiling: {get_ceiling.extra['client']})", ratio >= TARGET_GET))
+        rows.append((name, *throughput(get_ceiling, s3_db, TARGET_GET, get_ceiling.extra["client"])))
     else:
         rows.append((name, "not run (rows a and i)", None))
+    name = f"(added) s3→db ≥ {TARGET_GET} × the whole move's ceiling: raw GET, then raw COPY in (lz4)"
+    if s3_db and get_ceiling and "copy-in-lz4" in pg:
+        both = get_ceiling.seconds + pg["copy-in-lz4"].seconds
+        rows.append((name, *throughput(both, s3_db, TARGET_GET, f"{get_ceiling.seconds:.2f} s "
+                                       f"({get_ceiling.extra['client']}) + {pg['copy-in-lz4'].seconds:.2f} s")))
+    else:
+        rows.append((name, "not run (rows a, i and k)", None))
 
     name = f"client CPU per document db→s3 ≤ {TARGET_CPU} × the raw uploader's"
     tool_cpu = cpu_per_doc_us(db_s3) if db_s3 else None
@@ -709,12 +785,24 @@ def ratio_rows(results, machine):
     slow_tool = next((r for r in slow if "anchore-objmig" in r.what), None)
     slow_raw = fastest([r for r in slow if r is not slow_tool])
     if slow_tool and slow_raw:
-        ratio = slow_raw.seconds / slow_tool.seconds
-        rows.append((name, f"{ratio:.2f} × ({slow_raw.extra['client']}: {slow_raw.docs_per_s:.0f} docs/s, "
-                           f"the tool {slow_tool.docs_per_s:.0f})", ratio >= TARGET_LATENCY))
+        measured, ok = throughput(slow_raw, slow_tool, TARGET_LATENCY, slow_raw.extra["client"])
+        rows.append((name, measured, ok))
     else:
         rows.append((name, "not run (row j)", None))
     return rows
+
+
+def throughput(ceiling, tool, target, label):
+    """(measured, verdict) of the tool's run against a ceiling (a Result, or seconds) on the same documents.
+
+    Judged on the tool's own work time (its "moved in" figure): the raw clients are timed from "go", once
+    their processes are up and their modules imported, so the tool's start-up (row a0, a fixed 1-2 s) is
+    left out of both; the ratio by wall time, start-up included, is shown beside it."""
+    seconds = ceiling if isinstance(ceiling, float) else ceiling.seconds
+    work = tool.extra.get("tool_reported_seconds") or tool.seconds
+    ratio, wall = seconds / work, seconds / tool.seconds
+    return (f"{ratio:.2f} × against {label} (the tool's work {work:.1f} s; by wall time with its start-up "
+            f"{tool.seconds:.1f} s: {wall:.2f} ×)", ratio >= target)
 
 
 def verdict(ok):
@@ -773,11 +861,12 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=CPUS, help=f"tool workers for rows a, d, g (default {CPUS}: the CPUs)")
     parser.add_argument("--worker-counts", default="1,2,4", metavar="N,N", help="worker counts of row f (default 1,2,4)")
     parser.add_argument("--io-threads", type=int, help="pass --io-threads to the tool (default: the tool's own)")
+    parser.add_argument("--tool-args", metavar="ARGS", help='more options for every migrate run (an experiment), e.g. "--batch-bytes 64MiB"')
     parser.add_argument("--compress", action="store_true", help="zlib-compress at the S3 destination (Anchore's compression)")
     parser.add_argument("--put-procs", type=int, default=CPUS, help=f"ceiling uploader processes (default {CPUS})")
     parser.add_argument("--put-threads", type=int, default=16, help="ceiling threads per uploader process (default 16)")
     parser.add_argument("--baseline-seconds", type=float, help="stop the sequential baseline after this long (default 120; 20 with --quick)")
-    parser.add_argument("--rows", default="abcdfghij", help="which rows to run (default abcdfghij, and m with --huge; e is part of a)")
+    parser.add_argument("--rows", default="abcdfghijk", help="which rows to run (default abcdfghijk, and m with --huge; e is part of a)")
     parser.add_argument("--latency-ms", type=float, default=20.0,
                         help="round-trip time row j adds between the clients and S3 (default 20)")
     parser.add_argument("--accounts-docs", type=int, default=20_000,

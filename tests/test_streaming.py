@@ -471,8 +471,9 @@ def test_sigint_during_a_copy_stops_it_at_the_next_piece_and_commits_nothing(db,
                   if method == "GET" and "big-binary" in path and "Range" in headers]
         assert stopped.returncode == 130, stopped.stderr
         assert "closed as failed" in stopped.stderr
-        # one range for the text guess, then one for the base64 attempt the signal stopped (not all 5)
-        assert len(ranges) == 2, ranges
+        # the text guess, then the base64 attempt the signal stopped: each read its first range and the
+        # one fetched ahead (stream_read.S3Reader), not all 5
+        assert len(ranges) <= 4, ranges
         assert db.execute("""SELECT count(*) FROM archive_document
                              WHERE "archiveId" = 'big-binary'""").fetchone()[0] == 0
         assert task_rows(db)[-1][0] == "failed"

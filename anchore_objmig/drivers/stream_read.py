@@ -15,6 +15,7 @@ Readers yield the document's *stored* bytes in order, a slice at a time:
 """
 
 import binascii
+import concurrent.futures
 import logging
 import os
 import random
@@ -190,11 +191,24 @@ class S3Reader:
         etag = headers.get("etag")
         md5_etag = s3_crt.plain_md5_etag(headers)
         md5 = codec.md5_of(b"")
-        for start in range(0, length, SLICE):
-            end = min(start + SLICE, length) - 1
-            data = self.retried(lambda: self.slice(start, end, length, etag))
-            md5.update(data)
-            yield data
+        # The next slice is fetched while this one is written: the GET and the
+        # write overlap, at the cost of one slice more in memory.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="objmig-slice") as ahead:
+            def fetch(start):
+                end = min(start + SLICE, length) - 1
+                return ahead.submit(self.retried, lambda: self.slice(start, end, length, etag))
+
+            starts = range(0, length, SLICE)
+            pending = fetch(starts[0]) if starts else None
+            try:
+                for start in starts:
+                    data = pending.result()
+                    pending = fetch(start + SLICE) if start + SLICE < length else None
+                    md5.update(data)
+                    yield data
+            finally:
+                if pending is not None:  # stopped early (a failed write, a stop): the GET in the air is dropped
+                    pending.cancel()
         if md5_etag is not None:
             if md5.hexdigest() != md5_etag:  # the parts were each whole, but not of one object
                 raise StorageError(f"cannot read {self.url}: the bytes read do not hash to its ETag {md5_etag}")

@@ -125,11 +125,11 @@ def run(options, db_settings):
     conn = db.connect(db_settings, autocommit=True)
     try:
         db.require_anchore_tables(conn)
-        db_settings = toast.settle(conn, db_settings, options.toast_compression, dest.in_catalog_db)
         if not options.join:
             preflight.check_selection(conn, source, dest, options.buckets, options.allow_empty, source_store)
         if options.dry_run:
             return dry_run(conn, where, source, dest, dest_store, options)
+        db_settings = toast.settle(conn, db_settings, options.toast_compression, dest.in_catalog_db)
         signals.install()
         if options.join:
             return join(conn, options, db_settings, source_store, dest_store, source, dest)

@@ -6,7 +6,7 @@ import os
 import re
 import sys
 
-from anchore_objmig import __version__, logs
+from anchore_objmig import __version__, logs, toast
 from anchore_objmig.cpus import usable_cpus
 from anchore_objmig.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_TABLE, EXIT_USAGE, ObjmigError, Terminated, UsageError
 
@@ -296,7 +296,7 @@ def add_commands(commands, manager_only=False):
         help="S3 documents larger than this go up in parts of this size (default 8MiB)",
     )
     migrate.add_argument(
-        "--toast-compression", choices=("lz4", "server"), default="lz4",
+        "--toast-compression", choices=toast.CHOICES, default="lz4",
         help="how PostgreSQL compresses the documents written into it: lz4 (default, when the server has it; about 3 "
         "times faster to write than pglz, values read back the same) or the server's own default_toast_compression",
     )

@@ -3,8 +3,9 @@
 A large value written to archive_document or object_storage is compressed by
 PostgreSQL itself (TOAST), with the server's `default_toast_compression`:
 pglz unless changed. pglz made writing into PostgreSQL the slowest step of a
-move into it: COPYing the same 441 MB of documents took 7.0 s with pglz and
-2.1 s with lz4 (perf/README.md, row k). So the sessions of a run that writes
+move into it: COPYing the same 441 MB of documents took 5.4 s with pglz and
+3.0 s with lz4 (perf/README.md, row k; 7.0 and 2.1 s in a first
+experiment). So the sessions of a run that writes
 into PostgreSQL ask for lz4 when the server has it (PostgreSQL 14 and later,
 built with lz4, as every packaged build is).
 

@@ -161,6 +161,24 @@ def test_large_documents_go_up_in_parts(db, s3, cli, tmp_path):
     assert_all_readable(db, s3.client, docs)
 
 
+def main_and_joiner(dsn, source, dest):
+    """A migrate run and, once it is running, a --join of it (one worker each,
+    small batches and shards); both finished (CompletedProcess, CompletedProcess)."""
+    base = [sys.executable, "-m", "anchore_objmig", "--db-connect", dsn, "migrate", source, dest,
+            "--workers", "1", "--io-threads", "2", "--batch-size", "5", "--shard-size", "10"]
+    main = subprocess.Popen(base + ["--dontask"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True)
+    with psycopg.connect(dsn, autocommit=True) as watcher:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if watcher.execute("SELECT to_regclass('objmig_runs') IS NOT NULL").fetchone()[0] and \
+                    watcher.execute("SELECT count(*) FROM objmig_runs WHERE state = 'running'").fetchone()[0]:
+                break
+            time.sleep(0.02)
+    joiner = subprocess.run(base + ["--join"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    out, err = main.communicate(timeout=300)
+    return subprocess.CompletedProcess(main.args, main.returncode, out, err), joiner
+
+
 def test_join_shares_a_running_migration(db, s3, cli, tmp_path, schema_ready):
     docs = anchore_sim.make_docs(160, seed=37)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
@@ -170,26 +188,48 @@ def test_join_shares_a_running_migration(db, s3, cli, tmp_path, schema_ready):
         config = through_proxy(s3, proxy, bucket)
         source = write_config(tmp_path / "a.yaml", section("db"))
         dest = write_config(tmp_path / "b.yaml", section("s3", config))
-        base = [sys.executable, "-m", "anchore_objmig", "--db-connect", schema_ready, "migrate", source, dest,
-                "--workers", "1", "--io-threads", "2", "--batch-size", "5", "--shard-size", "10"]
-        main = subprocess.Popen(base + ["--dontask"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True)
-        with psycopg.connect(schema_ready, autocommit=True) as watcher:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if watcher.execute("SELECT to_regclass('objmig_runs') IS NOT NULL").fetchone()[0] and \
-                        watcher.execute("SELECT count(*) FROM objmig_runs WHERE state = 'running'").fetchone()[0]:
-                    break
-                time.sleep(0.02)
-        joiner = subprocess.run(base + ["--join"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-        main_out, main_err = main.communicate(timeout=300)
+        main, joiner = main_and_joiner(schema_ready, source, dest)
     assert joiner.returncode == 0, joiner.stderr
-    assert main.returncode == 0, main_err
+    assert main.returncode == 0, main.stderr
     assert "joining migration task 1" in joiner.stderr
     workers = {row[0] for row in db.execute("SELECT DISTINCT worker FROM objmig_shards WHERE state = 'done'")}
     assert len(workers) == 2, workers  # both processes moved shards
     assert task_rows(db) == [("complete", "running", "db", "s3", len(docs), len(docs), True)]
     assert_all_readable(db, s3.client, docs)
     assert len(s3.keys(bucket)) == len(docs)
+
+
+def test_a_joiner_and_the_main_host_move_shared_copies_and_delete_each_after_its_last_row(db, s3, schema_ready,
+                                                                                            tmp_path):
+    """Rows sharing a stored copy, in shards taken by two hosts: each copy
+    moves for every row and goes only once no row needs it, whichever host
+    moves which row (the shared copies are noted once per run, for both)."""
+    from test_integrity import share_copy
+
+    docs = anchore_sim.make_docs(120, seed=38, buckets=("analysis_data",))
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    # Every tenth document's copy is shared by a twin in another bucket: another shard, often another host.
+    twins = []
+    for n, doc in enumerate(docs[::10]):
+        twin = anchore_sim.Doc(doc.user_id, "manifest_data", f"sha256:{n:064x}", doc.content)
+        share_copy(db, doc.archive_id, twin.archive_id, bucket="manifest_data")
+        twins.append(twin)
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))  # long enough to join
+        source = write_config(tmp_path / "a.yaml", section("db"))
+        dest = write_config(tmp_path / "b.yaml", section("s3", through_proxy(s3, proxy, bucket)))
+        main, joiner = main_and_joiner(schema_ready, source, dest)
+    assert joiner.returncode == 0, joiner.stderr
+    assert main.returncode == 0, main.stderr
+    assert "joining migration task 1" in joiner.stderr
+    workers = {row[0] for row in db.execute("SELECT DISTINCT worker FROM objmig_shards WHERE state = 'done'")}
+    assert len(workers) == 2, workers  # both hosts moved shards
+    everything = [*docs, *twins]
+    assert_all_readable(db, s3.client, everything)
+    assert all(url.startswith("s3://") for url in urls(db))
+    assert len(s3.keys(bucket)) == len(everything)  # a copy of its own for every row
+    assert db.execute("SELECT count(*) FROM archive_document").fetchone()[0] == 0  # each shared copy went, once
 
 
 def test_join_without_a_running_migration(db, cli, tmp_path):

@@ -96,3 +96,60 @@ class TreeMemory(threading.Thread):
             return 0, None, ""
         pid = max(self.peak_kb, key=self.peak_kb.get)
         return self.peak_kb[pid], pid, self.commands.get(pid, "")
+
+
+# -- where the CPU went ------------------------------------------------------
+# On a 2-core machine the S3 server and PostgreSQL share the cores with the
+# client under test, so a run's wall time follows the CPU every process spent
+# on it: these split that CPU by process tree.
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu_seconds():
+    """CPU seconds all cores spent busy (not idle or waiting on I/O) since boot."""
+    with open("/proc/stat", encoding="ascii") as handle:
+        fields = [int(value) for value in handle.readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / TICKS
+
+
+def tree_cpu_seconds(root):
+    """CPU seconds of `root` and its descendants: the live ones' own, and the
+    exited ones' as their parents collected them (cutime, cstime)."""
+    total = 0.0
+    for pid in [root, *children_of(root)]:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile: its time is in its parent's cutime now
+        total += sum(int(value) for value in fields[11:15]) / TICKS  # utime stime cutime cstime
+    return total
+
+
+class CpuShare:
+    """The CPU seconds spent between start() and stop(): by the whole machine,
+    and by each named process tree (servers, by their root pid)."""
+
+    def __init__(self, roots):
+        self.roots = {name: pid for name, pid in roots.items() if pid}
+        self.before = None
+        self.wall = None
+
+    def snapshot(self):
+        import time
+
+        return time.perf_counter(), busy_cpu_seconds(), {name: tree_cpu_seconds(pid) for name, pid in self.roots.items()}
+
+    def start(self):
+        self.before = self.snapshot()
+        return self
+
+    def stop(self):
+        """{"busy_cores", "machine_cpu_seconds", "<name>_cpu_seconds", ...} of the interval."""
+        (t0, busy0, trees0), (t1, busy1, trees1) = self.before, self.snapshot()
+        share = {"busy_cores": round((busy1 - busy0) / (t1 - t0), 2) if t1 > t0 else None,
+                 "machine_cpu_seconds": round(busy1 - busy0, 2)}
+        for name in self.roots:
+            share[f"{name}_cpu_seconds"] = round(trees1[name] - trees0[name], 2)
+        return share

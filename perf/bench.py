@@ -335,6 +335,10 @@ class Bench:
             chosen = group[(len(group) - 1) // 2]  # the lower median: an even count keeps a run that happened
             if len(group) > 1:
                 chosen.extra["runs"] = [round(timed(r), 2) for r in group]
+            for peak in ("peak_rss_mb", "rusage_maxrss_mb", "peak_tree_rss_mb"):  # memory: the worst run, not the median
+                values = [r.extra[peak] for r in group if r.extra.get(peak) is not None]
+                if values:
+                    chosen.extra[peak] = max(values)
             self.results.append(chosen)
         return outcome
 
@@ -840,7 +844,7 @@ def cpu_bound(ceiling, tool, startup=None):
             or not tool.extra.get("machine_cpu_seconds"):
         return ""
     raw, used = ceiling.extra, tool.extra
-    fixed = startup.extra.get("machine_cpu_seconds") or 0 if startup else 0
+    fixed = (startup.extra.get("machine_cpu_seconds") or 0) if startup else 0
     work = used["machine_cpu_seconds"] - fixed
     client = (used.get("client_cpu_seconds") or 0) - ((startup.extra.get("client_cpu_seconds") or 0) if startup else 0)
     return (f"; CPU: the raw run used {raw['machine_cpu_seconds']:.1f} machine CPU-s ({raw['busy_cores']} cores busy; "
@@ -958,7 +962,7 @@ def parse_args(argv=None):
         biggest = max(args.scale_docs, default=0)
         args.time_limit = 10 * 3600 if biggest > 200_000 else 3 * 3600 if biggest > 20_000 else 3600
     if args.docs < 1 or args.repeat < 1 or args.huge_doc_mb < 1 or any(n < 1 for n in args.worker_counts + args.scale_docs):
-        parser.error("document and worker counts must be positive")
+        parser.error("document, worker and repeat counts must be positive")
     return args
 
 

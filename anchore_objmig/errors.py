@@ -68,6 +68,15 @@ class Interrupted(ObjmigError):
     exit_status = EXIT_INTERRUPTED
 
 
+class StoppedWhilePlanning(ObjmigError):
+    """SIGINT or SIGTERM after the task was opened, before any work: the
+    task is closed; exit with the signal's status."""
+
+    def __init__(self, message, exit_status):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT
     (a BaseException too, so no `except Exception` swallows it)."""

@@ -103,6 +103,14 @@ def record(path, result):
     return True
 
 
+def record_failure(path, command, started, documents=0, nbytes=0):
+    """A run that ended without finishing (an error, a stop, a database it
+    never reached) is a run too: the file must not keep saying the last run
+    was the old success. `started` is time.monotonic() at its start."""
+    return record(path, RunResult(command=command, success=False, duration_seconds=time.monotonic() - started,
+                                  documents=documents, failed=0, bytes=nbytes))
+
+
 def check_path(path):
     """Refuse, before any work, a metrics path we could not write at the end."""
     if not path:

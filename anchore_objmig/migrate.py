@@ -18,7 +18,8 @@ from anchore_objmig import db, integrity, ledger, manifest, metrics, plan, prefl
 from anchore_objmig.config import load_store_config
 from anchore_objmig.display import ProgressDisplay, human_bytes, print_json
 from anchore_objmig.drivers import DriverContext, make_driver
-from anchore_objmig.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, ConnectError, ObjmigError, Terminated, UsageError
+from anchore_objmig.errors import (EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, ConnectError, ObjmigError,
+                                   StoppedWhilePlanning, Terminated, UsageError)
 from anchore_objmig.faults import crash_point
 from anchore_objmig.redaction import redact_section
 
@@ -109,6 +110,16 @@ def main_location(config_path, context):
 def run(options, db_settings):
     source_store, dest_store = load_stores(options)
     metrics.check_path(options.metrics_file)
+    started = time.monotonic()
+    try:
+        return run_checked(options, db_settings, source_store, dest_store)
+    except BaseException:  # stopped before its work phase: no database, lock held, a stop while planning
+        if not options.dry_run:
+            metrics.record_failure(options.metrics_file, metrics.MIGRATE, started)
+        raise
+
+
+def run_checked(options, db_settings, source_store, dest_store):
     options = replace(options, prompt_note=preflight.analysis_archive_note(options))
     context = DriverContext(db_settings, options.io_threads, options.multipart_threshold)
     source = make_driver(source_store, context)
@@ -173,10 +184,14 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
         run_manifest = manifest.build(source, dest, source_store, dest_store, options)
         ledger.create_run(conn, task_id, run_manifest, shards, lock_conn.info.backend_pid, db.session_started(lock_conn))
         crash_point("after-plan")
-    except BaseException:
+    except BaseException as exc:
         if task_id is not None:  # stopped while planning: close the task it had opened
             close_unstarted(conn, task_id)
         lock_conn.close()
+        if task_id is not None and isinstance(exc, (KeyboardInterrupt, Terminated)):
+            name, status = stop_name(exc)
+            raise StoppedWhilePlanning(f"interrupted by {name} while planning: migration task {task_id} closed as "
+                                       "failed before any document moved; run the same command again", status) from None
         raise
     log.info("migration task %d: %d documents (%s stored at the source) in %d shards, %d workers",
              task_id, total, human_bytes(sum(s.bytes for s in shards)), len(shards), options.workers)
@@ -242,9 +257,12 @@ def record_stopped(options, work, task_id, started):
         documents, nbytes = totals.documents_done, totals.bytes_done
     except (psycopg.Error, ObjmigError):  # the database is away: what is known is that it failed
         documents = nbytes = 0
-    metrics.record(options.metrics_file, metrics.RunResult(
-        command=metrics.MIGRATE, success=False, duration_seconds=time.monotonic() - started,
-        documents=documents, failed=0, bytes=nbytes))
+    metrics.record_failure(options.metrics_file, metrics.MIGRATE, started, documents, nbytes)
+
+
+def stop_name(stop):
+    """The signal behind a stop, and the exit status it gives."""
+    return ("SIGTERM", EXIT_SIGTERM) if isinstance(stop, Terminated) else ("SIGINT", EXIT_SIGINT)
 
 
 def retrying(work, step, seconds=worker.LOCK_WAIT_SECONDS):
@@ -274,8 +292,7 @@ def interrupted(db_settings, guard, task_id, stop, names):
     """SIGINT or SIGTERM: this host's workers have stopped and their writes
     are over. Give their shards back, and if this host holds the run's lock,
     close the run now rather than leave it running for the next run to find."""
-    status = EXIT_SIGTERM if isinstance(stop, Terminated) else EXIT_SIGINT
-    name = "SIGTERM" if status == EXIT_SIGTERM else "SIGINT"
+    name, status = stop_name(stop)
     closed = False
     try:
         with db.connect(db_settings, autocommit=True) as conn:
@@ -444,6 +461,8 @@ def finish(conn, task_id, dest_store, options, seconds):
     left = scope.report(conn, options)  # rows in scope anywhere but the destination
     state = "complete" if not failed and not unfinished and not left.elsewhere else "failed"
     if not ledger.close_run(conn, task_id, state):
+        metrics.record(options.metrics_file, metrics.RunResult(
+            command=metrics.MIGRATE, success=False, duration_seconds=seconds, documents=0, failed=0))
         log.error("migration task %d was closed by another process meanwhile (a new migration took the lock); "
                   "run the same command again to finish", task_id)
         return EXIT_FAILED

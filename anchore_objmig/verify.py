@@ -360,6 +360,15 @@ class Tally:
 def run(options, db_settings):
     store = load_store_config(options.config, options.analysis_archive)
     metrics.check_path(options.metrics_file)
+    started = time.monotonic()
+    try:
+        return run_checked(options, db_settings, store)
+    except BaseException:  # the database or the store away, a stop: the run ended, unfinished
+        metrics.record_failure(options.metrics_file, metrics.VERIFY, started)
+        raise
+
+
+def run_checked(options, db_settings, store):
     spec = VerifySpec(db_settings, store, tuple(options.buckets), options.batch_size, options.io_threads)
     context = ReadOnlyContext(db_settings, options.io_threads)
     driver = make_driver(store, context)

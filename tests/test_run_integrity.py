@@ -7,12 +7,15 @@ that exit codes and task rows tell the truth.
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import psycopg
 import pytest
+
+from anchore_objmig import metrics
 
 import anchore_sim
 import devservers
@@ -77,7 +80,8 @@ def seed(db, count=120, seed_no=81):
 
 
 def configs(tmp_path, s3, bucket, compress=False, proxy=None, **extra):
-    config = through_proxy(s3, proxy, bucket, **FAST, **extra) if proxy else s3.driver_config(bucket, **FAST, **extra)
+    settings = {**FAST, **extra}
+    config = through_proxy(s3, proxy, bucket, **settings) if proxy else s3.driver_config(bucket, **settings)
     source = write_config(tmp_path / "from.yaml", section("db"))
     dest = write_config(tmp_path / f"to-{compress}-{bool(proxy)}.yaml", section("s3", config, compress=compress, min_size_kbytes=1))
     return source, dest
@@ -250,7 +254,9 @@ def run_through_a_database_fault(tmp_path, s3, fault, *extra):
     bucket = s3.new_bucket()
     with FaultProxy(s3.endpoint) as proxy:
         proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
-        source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
+        # These tests are about the database: S3 requests get their retries
+        # (a gateway stalling past FAST's 3 s read timeout is not the fault here).
+        source, dest = configs(tmp_path, s3, bucket, proxy=proxy, max_attempts=3)
         main = Tool(server.dsn, migrate_args(source, dest, *extra), None, tmp_path, "main")
         wait_for(lambda: len(s3.keys(bucket)) >= 10, 120, "the first documents to move")
         fault(server)
@@ -316,10 +322,12 @@ def test_sigterm_and_sigint_close_the_task_at_once(db, s3, cli, tmp_path):
         source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
         for sig, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
             metrics_file = tmp_path / f"metrics-{status}.prom"
+            moved_before = len(s3.keys(bucket))  # the first stop's documents stay moved
             main = Tool(cli.dsn, migrate_args(source, dest, "--metrics-file", metrics_file), None, tmp_path,
                         f"main-{status}")
+            # Stopped while moving (a stop while planning is the next test's): this run's own copies are arriving.
             wait_for(lambda: db.execute("SELECT count(*) FROM tasks WHERE state = 'running'").fetchone()[0] == 1
-                     and len(s3.keys(bucket)) > 0, 120, "the run to start")
+                     and len(s3.keys(bucket)) > moved_before, 120, "the run to start moving")
             os.killpg(main.pid, sig)
             code, log = main.finish()
             assert code == status, log
@@ -333,6 +341,55 @@ def test_sigterm_and_sigint_close_the_task_at_once(db, s3, cli, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert [row[0] for row in task_rows(db)] == ["failed", "failed", "complete"]
     assert_all_readable(db, s3.client, docs)
+
+
+@pytest.mark.parametrize("name, status", [("TERM", 143), ("INT", 130)])
+def test_a_stop_while_planning_closes_the_task_and_records_the_failed_run(db, s3, cli, tmp_path, name, status):
+    """The signal comes after the task is opened, before any shard is worked:
+    one line says the task was closed, the exit status is the signal's, and
+    the metrics file says the last run failed (it kept the old success)."""
+    docs = seed(db, 30)
+    bucket = s3.new_bucket()
+    source, dest = configs(tmp_path, s3, bucket)
+    prom = tmp_path / "objmig.prom"
+    metrics.record(str(prom), metrics.RunResult("migrate", True, 1.0, 5, 0, finished_at=1000.0))
+    main = Tool(cli.dsn, migrate_args(source, dest, "--metrics-file", prom), {"OBJMIG_SIGNAL_AT": f"after-task:1:{name}"},
+                tmp_path, "main")
+    code, log = main.finish()
+    assert code == status, log
+    assert f"interrupted by SIG{name} while planning: migration task" in log and "closed as failed" in log, log
+    assert len([line for line in log.splitlines() if " ERROR " in line]) == 1, log
+    assert [row[0] for row in task_rows(db)] == ["failed"]
+    assert s3.keys(bucket) == []
+    samples = {(s.name, dict(s.labels)["command"]): s.value for s in metrics.read_samples(str(prom))}
+    assert samples[(metrics.LAST_SUCCESS, "migrate")] == 1000.0
+    assert samples[(metrics.PREFIX + "last_run_timestamp_seconds", "migrate")] > 1000.0
+    rerun = cli(*migrate_args(source, dest))
+    assert rerun.returncode == 0, rerun.stderr
+    assert_all_readable(db, s3.client, docs)
+
+
+@pytest.mark.parametrize("command", ["migrate", "verify"])
+def test_a_run_that_cannot_reach_the_database_records_a_failed_run(tmp_path, command):
+    """Cron's alert reads the file: a run that never got to work ended too."""
+    prom = tmp_path / "objmig.prom"
+    metrics.record(str(prom), metrics.RunResult(command, True, 1.0, 5, 0, finished_at=1000.0))
+    source = write_config(tmp_path / "from.yaml", section("db"))
+    dest = write_config(tmp_path / "to.yaml", section("s3", {"url": "http://127.0.0.1:9", "bucket": "b", "access_key": "k",
+                                                            "secret_key": "s"}))
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "anchore_objmig", "--db-connect", f"postgresql://objmig@127.0.0.1:{port}/objmig",
+         *(["migrate", source, dest, "--dontask"] if command == "migrate" else ["verify", dest]),
+         "--metrics-file", prom], capture_output=True, text=True, cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("ANCHORE")})
+    assert result.returncode == 3, result.stderr
+    samples = {(s.name, dict(s.labels)["command"]): s.value for s in metrics.read_samples(str(prom))}
+    assert samples[(metrics.LAST_SUCCESS, command)] == 1000.0
+    assert samples[(metrics.PREFIX + "last_run_timestamp_seconds", command)] > 1000.0
+    assert samples[(metrics.PREFIX + "duration_seconds", command)] >= 0
 
 
 @pytest.mark.parametrize("name, status", [("TERM", 143), ("INT", 130)])

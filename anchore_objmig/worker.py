@@ -604,8 +604,7 @@ def run_worker(spec, on_batch=None, stop=None):
     sets it when its run lost the migration lock for good).
     """
     context = DriverContext(spec.db_settings, spec.io_threads, spec.multipart_threshold)
-    conn = context.db_connection()
-    run = ledger.get_run(conn, spec.task_id)
+    conn, run = through_outage(context, lambda conn: ledger.get_run(conn, spec.task_id))
     fence = Fence(run.lease_seconds, run.write_grace_seconds) if run else Fence(ledger.RunRow.lease_seconds)
     context.fence = fence
     source = make_driver(spec.source, context)
@@ -698,6 +697,24 @@ def release(context, fence, leases, reason, counted):
             ledger.give_back(context.db_connection(), lease, reason[:1000], MAX_SHARD_ATTEMPTS if counted else None)
         except (psycopg.Error, ObjmigError) as exc:
             log.debug("could not give back shard %d: %s", lease.shard_no, exc)
+
+
+def through_outage(context, step):
+    """(connection, step(connection)), waiting out a database outage as the
+    work loop does: a worker that starts while the database restarts (the
+    host's first worker is the parent itself) must not end the run."""
+    away_since = time.monotonic()
+    while True:
+        try:
+            conn = context.db_connection()
+            return conn, step(conn)
+        except Exception as exc:
+            if not database_away(exc):
+                raise
+            if time.monotonic() - away_since > LOCK_WAIT_SECONDS:
+                raise ObjmigError(f"the database was unreachable for {LOCK_WAIT_SECONDS}s: {db.first_line(exc)}; "
+                                  "this worker stops") from None
+            time.sleep(1)
 
 
 def database_away(exc):

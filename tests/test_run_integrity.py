@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import psycopg
@@ -284,6 +285,36 @@ def test_database_away_longer_than_the_connect_retries(tmp_path, s3):
     try:
         assert code == 0, log
         assert "Traceback" not in log
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            assert_all_readable(conn, s3.client, docs)
+            assert [row[0] for row in task_rows(conn)] == ["complete"]
+            assert conn.execute("SELECT sum(documents_done) FROM objmig_shards").fetchone()[0] == len(docs)
+    finally:
+        server.stop()
+
+
+def test_workers_that_start_while_the_database_is_away_wait_for_it(tmp_path, s3):
+    """The outage begins between planning and the workers' start: each
+    worker's first connection and its read of the run wait it out like
+    later ones do, rather than exit and leave their shards to a retry."""
+    server = devservers.PostgresServer().start()
+    try:
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            anchore_sim.apply_schema(conn)
+            docs = seed(conn, 60)
+        bucket = s3.new_bucket()
+        source, dest = configs(tmp_path, s3, bucket, max_attempts=3)
+        main = Tool(server.dsn, migrate_args(source, dest, "--workers", "2"), {"OBJMIG_FREEZE_AT": "after-plan:1"},
+                    tmp_path, "main")
+        main.wait_stopped()
+        outage = threading.Thread(target=server.stop_for, args=(12,))
+        outage.start()
+        wait_for(lambda: not (server.data_dir / "postmaster.pid").exists(), 60, "the database to stop")
+        main.resume()
+        outage.join()
+        code, log = main.finish()
+        assert code == 0, log
+        assert "cannot connect" not in log and "worker stopped" not in log and "Traceback" not in log, log
         with psycopg.connect(server.dsn, autocommit=True) as conn:
             assert_all_readable(conn, s3.client, docs)
             assert [row[0] for row in task_rows(conn)] == ["complete"]

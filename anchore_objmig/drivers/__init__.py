@@ -38,9 +38,12 @@ class DriverContext:
             self.fence.check()
 
     def db_connection(self):
-        """The process's autocommit connection; `with db.transaction(conn)` scopes work."""
+        """The process's autocommit connection; `with db.transaction(conn)` scopes work.
+        One that broke is replaced."""
         from anchore_objmig import db
 
+        if self._connection is not None and self._connection.broken:
+            db.close_quietly(self._connection)
         if self._connection is None or self._connection.closed:
             self._connection = db.connect(self.db_settings, autocommit=True, role="worker")
         return self._connection

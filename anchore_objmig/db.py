@@ -128,7 +128,9 @@ def connect(settings, autocommit=False, role="main"):
     delay = 0.5
     for attempt in range(settings.retries + 1):
         try:
-            return psycopg.connect(settings.conninfo, autocommit=autocommit, **kwargs)
+            conn = psycopg.connect(settings.conninfo, autocommit=autocommit, **kwargs)
+            OUTAGE.back()
+            return conn
         except psycopg.ProgrammingError as exc:  # a malformed conninfo: retrying cannot help
             raise UsageError(f"--db-connect: {unquoted(redacted(first_line(exc)))}") from None
         except psycopg.OperationalError as exc:
@@ -137,9 +139,34 @@ def connect(settings, autocommit=False, role="main"):
                 raise UsageError(f"--db-connect: {unquoted(problem)}") from None
             if attempt == settings.retries or "password authentication failed" in problem:
                 raise ConnectError(f"cannot connect to the database {settings.display}: {problem}") from None
-            log.warning("database not reachable (%s); retrying in %.1fs", problem, delay)
+            OUTAGE.away(problem, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10)
+
+
+class Outage:
+    """Says once per process that the database is unreachable, and once that
+    it is back: a long outage waited out by every worker and its threads
+    must not bury the log in one warning per connection attempt."""
+
+    def __init__(self):
+        self.since = None
+
+    def away(self, problem, delay):
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("database not reachable (%s); retrying (attempts are logged at debug level until it is back)",
+                        problem)
+        else:
+            log.debug("database still not reachable (%s); retrying in %.1fs", problem, delay)
+
+    def back(self):
+        if self.since is not None:
+            log.info("database reachable again after %.0fs", time.monotonic() - self.since)
+            self.since = None
+
+
+OUTAGE = Outage()
 
 
 def unquoted(text):

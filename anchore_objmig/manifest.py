@@ -38,8 +38,9 @@ def write_grace_seconds(stores):
     return grace
 
 
-def build(source, dest, source_store, dest_store, options):
-    """The manifest of a run from `source` to `dest` (drivers) with `options`."""
+def build(source, dest, source_store, dest_store, options, dest_marker=None):
+    """The manifest of a run from `source` to `dest` (drivers) with `options`;
+    `dest_marker`: the token the run left in its destination (joiners check it)."""
     return {
         "version": __version__,
         "source": {**source.identity(), "section": source_store.key, "timing": timing_of(source_store)},
@@ -47,10 +48,12 @@ def build(source, dest, source_store, dest_store, options):
         "compression": {"enabled": dest_store.compression_enabled, "min_size_kbytes": dest_store.min_size_kbytes},
         "delete_source": options.delete_source,
         "buckets": list(options.buckets),
+        "excluded": list(options.excluded),
         "from_analysis_archive": options.from_analysis_archive,
         "to_analysis_archive": options.to_analysis_archive,
         "lease_seconds": options.lease_seconds,
         "write_grace_seconds": write_grace_seconds([source_store, dest_store]),
+        "dest_marker": dest_marker,
     }
 
 
@@ -102,6 +105,7 @@ def adopt(run_manifest, options, source_store, dest_store):
         options,
         delete_source=run_manifest["delete_source"],
         buckets=tuple(run_manifest["buckets"] or ()),
+        excluded=tuple(run_manifest.get("excluded") or ()),
         lease_seconds=run_manifest["lease_seconds"],
     )
     return options, source_store, dest_store

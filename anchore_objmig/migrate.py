@@ -7,6 +7,7 @@ on other hosts with --join) claim shards from the database until none is left.
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
@@ -56,6 +57,7 @@ class MigrateOptions:
     progress: str = "auto"  # auto | bar | log | none
     metrics_file: str | None = None
     log_settings: tuple = ()
+    excluded: tuple = ()  # the other section's locations inside the source's (scope.nested_in)
 
 
 def load_stores(options):
@@ -132,7 +134,10 @@ def run_checked(options, db_settings, source_store, dest_store):
     shared = preflight.shared_archive_note(options, source, lambda: main_location(options.from_config, context))
     if shared:
         options = replace(options, prompt_note=" ".join(filter(None, [options.prompt_note, shared])))
-    where = plan.source_filter(source, dest, options.buckets)
+    options = replace(options, excluded=scope.nested_in(source.location, scope.other_locations(options)))
+    for location in options.excluded:
+        log.info("rows stored under %s belong to the config's other section: this run leaves them alone", location)
+    where = plan.source_filter(source, dest, options.buckets, options.excluded)
     conn = db.connect(db_settings, autocommit=True)
     try:
         db.require_anchore_tables(conn)
@@ -170,6 +175,9 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
             confirm(options.ask, f"NOTE: {options.prompt_note}\n{summary}" if options.prompt_note else summary)
         ledger.ensure_schema(conn)
         dest.check_access(write=True)
+        marker = None if dest.in_catalog_db else uuid.uuid4().hex
+        if marker:
+            dest.write_run_marker(marker)
         dest.clean_up_before_run(conn)
         close_abandoned_runs(conn)
         wait_for_revoked_writers(conn)
@@ -181,7 +189,7 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
         total = sum(shard.documents for shard in shards)
         task_id = tasks.create_task(conn, source.name, dest.name, total)
         crash_point("after-task")
-        run_manifest = manifest.build(source, dest, source_store, dest_store, options)
+        run_manifest = manifest.build(source, dest, source_store, dest_store, options, dest_marker=marker)
         ledger.create_run(conn, task_id, run_manifest, shards, lock_conn.info.backend_pid, db.session_started(lock_conn))
         crash_point("after-plan")
     except BaseException as exc:
@@ -233,7 +241,9 @@ def work_on_run(options, db_settings, spec, guard, source, dest, dest_store, tas
                 retrying(work, lambda conn: finish_pending_deletes(conn, source))
             retrying(work, lambda conn: dest.clean_up_after_run(conn, over_at))
             crash_point("before-finish")
-            return retrying(work, lambda conn: finish(conn, task_id, dest_store, options, time.monotonic() - started))
+            status = retrying(work, lambda conn: finish(conn, task_id, dest_store, options, time.monotonic() - started))
+            dest.remove_run_marker()  # the run is closed: nobody joins it any more
+            return status
         except (KeyboardInterrupt, Terminated) as stop:
             status = interrupted(db_settings, guard, task_id, stop, names)
             record_stopped(options, work, task_id, started)
@@ -318,6 +328,7 @@ def worker_spec(options, db_settings, source_store, dest_store, task_id):
         dest=dest_store,
         task_id=task_id,
         buckets=tuple(options.buckets) or None,
+        excluded=tuple(options.excluded),
         delete_source=options.delete_source,
         batch_size=options.batch_size,
         batch_bytes=options.batch_bytes,
@@ -419,6 +430,9 @@ def wait_for_other_hosts(conn, task_id):
             return False
         for name, host, age in ledger.live_holders(conn, task_id):
             if age is not None and age >= run.takeover_seconds:
+                for worker, pid in ledger.cut_off_silent_holders(conn, task_id):
+                    log.warning("ended database session %d of worker %s, silent past the takeover time inside a "
+                                "transaction (a frozen process holding its shard)", pid, worker)
                 return True  # a new claim takes it over
             if name not in announced:
                 announced.add(name)
@@ -441,6 +455,7 @@ def join(conn, options, db_settings, source_store, dest_store, source, dest):
         )
     source.check_access(write=False)  # this host's credentials: fail before taking any shard
     dest.check_access(write=True, create=False)
+    check_run_marker(run_row, dest)
     options, source_store, dest_store = manifest.adopt(run_row.manifest, options, source_store, dest_store)
     log.info("joining migration task %d (started on %s) with the run's settings: compression %s, %s source copies",
              run_row.task_id, run_row.lock_host, "on" if dest_store.compression_enabled else "off",
@@ -449,6 +464,22 @@ def join(conn, options, db_settings, source_store, dest_store, source, dest):
     guard.start()
     spec = worker_spec(options, db_settings, source_store, dest_store, run_row.task_id)
     return work_on_run(options, db_settings, spec, guard, source, dest, dest_store, run_row.task_id)
+
+
+def check_run_marker(run_row, dest):
+    """Refuse to join unless this host's destination holds the run's marker:
+    the same name (a path, an S3 address) can reach another store from here,
+    and documents written there would be lost to Anchore."""
+    expected = run_row.manifest.get("dest_marker")
+    if not expected:
+        return  # the destination is the run's own database
+    found = dest.read_run_marker()
+    if found != expected:
+        what = "no marker" if found is None else "another run's marker"
+        raise UsageError(
+            f"cannot join migration task {run_row.task_id}: {dest.describe()} as this host reaches it holds {what}, "
+            "not the run's: it is another store under the same name (a directory not mounted here, another S3 "
+            "server behind the same address?); make this host reach the run's destination and join again")
 
 
 def finish(conn, task_id, dest_store, options, seconds):

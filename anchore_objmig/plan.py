@@ -72,12 +72,16 @@ def url_expression(driver):
     return sql.SQL("""({base} || m."userId" || '/' || m.bucket || '/' || m."archiveId")""").format(base=base)
 
 
-def source_filter(source, dest, buckets=None):
-    """WHERE condition (on alias m) for the documents to move from source to dest."""
+def source_filter(source, dest, buckets=None, excluded=()):
+    """WHERE condition (on alias m) for the documents to move from source to
+    dest; `excluded`: locations inside the source's that belong to the
+    configs' other section (say its analysis archive under the main store's
+    S3 prefix), whose rows are not this run's."""
     parts = [
         sql.SQL("starts_with(m.content_url, {})").format(sql.Literal(source.location)),
         sql.SQL("m.content_url <> {}").format(url_expression(dest)),
     ]
+    parts += [sql.SQL("NOT starts_with(m.content_url, {})").format(sql.Literal(location)) for location in excluded]
     if buckets:
         parts.append(sql.SQL("m.bucket = ANY({})").format(sql.Literal(list(buckets))))
     return sql.SQL(" AND ").join(parts)

@@ -74,15 +74,22 @@ def other_locations(options):
     return found
 
 
+def nested_in(location, others):
+    """The locations of `others` strictly inside `location`."""
+    return tuple(sorted(other for other in others if other != location and other.startswith(location)))
+
+
 def classify(source, dest, others):
-    """SQL (on alias m): the cause of a row in scope, or 'dest' / 'source' / 'other section'."""
+    """SQL (on alias m): the cause of a row in scope, or 'dest' / 'source' / 'other section'.
+    The longest location a URL begins with names it: an other section kept
+    inside the source's location is that section's, not the source's."""
     unsupported = [f"{name}://" for name in UNSUPPORTED]
     known = [f"{scheme}://" for scheme in KNOWN_SCHEMES]
-    cases = [sql.SQL("WHEN m.content_url IS NULL THEN 'no URL'"),
-             sql.SQL("WHEN starts_with(m.content_url, {}) THEN 'dest'").format(sql.Literal(dest.location)),
-             sql.SQL("WHEN starts_with(m.content_url, {}) THEN 'source'").format(sql.Literal(source.location))]
-    cases += [sql.SQL("WHEN starts_with(m.content_url, {}) THEN 'other section'").format(sql.Literal(location))
-              for location in others]
+    places = sorted([(dest.location, "dest"), (source.location, "source"),
+                     *((location, "other section") for location in others)], key=lambda place: -len(place[0]))
+    cases = [sql.SQL("WHEN m.content_url IS NULL THEN 'no URL'")]
+    cases += [sql.SQL("WHEN starts_with(m.content_url, {}) THEN {}").format(sql.Literal(location), sql.Literal(name))
+              for location, name in places]
     cases += [sql.SQL("WHEN starts_with(m.content_url, {}) THEN 'unsupported driver'").format(sql.Literal(prefix))
               for prefix in unsupported]
     cases += [sql.SQL("WHEN starts_with(m.content_url, {}) THEN 'another location'").format(sql.Literal(prefix))

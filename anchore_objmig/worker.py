@@ -53,6 +53,7 @@ class WorkerSpec:
     dest: object  # StoreConfig
     task_id: int
     buckets: tuple | None
+    excluded: tuple = ()  # locations inside the source's that are not this run's (plan.source_filter)
     delete_source: bool = True
     batch_size: int = 500
     batch_bytes: int = 32 * 1024 * 1024
@@ -224,6 +225,7 @@ def delete_sources(conn, lease, source, committed, result):
         else:
             ledger.confirm_lease(conn, lease)
             source.context.check_fence()
+            crash_point("before-delete-send")
             errors = source.delete_many(urls)
     except (LeaseLost, psycopg.OperationalError):
         raise  # the intents stay in objmig_pending_deletes: the run's owner finishes them
@@ -609,7 +611,7 @@ def run_worker(spec, on_batch=None, stop=None):
     context.fence = fence
     source = make_driver(spec.source, context)
     dest = make_driver(spec.dest, context)
-    where = plan.source_filter(source, dest, spec.buckets)
+    where = plan.source_filter(source, dest, spec.buckets, spec.excluded)
     pipeline = Pipeline(spec, source, dest, fence, on_batch)
     heart = Heartbeat(fence, spec.db_settings, conn)
     heart.start()

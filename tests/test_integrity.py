@@ -241,3 +241,28 @@ def test_rows_sharing_an_s3_copy_in_one_batch_move_and_it_goes_once(db, s3, cli,
     assert_all_readable(db, s3.client, [*docs, twin])
     assert all(url.startswith("db://") for url in urls(db))
     assert s3.keys(bucket) == []
+
+
+def test_an_analysis_archive_kept_inside_the_main_stores_prefix_is_left_to_its_own_migration(db, s3, cli, tmp_path):
+    """One bucket: the main store at prefix "" and the analysis archive at
+    "archive/", so every archive URL begins with the main store's location.
+    Moving the main store out of S3 moves only the main store's rows (the
+    archive's driver could not read a db:// URL), and the run is complete."""
+    bucket = s3.new_bucket()
+    main_docs = anchore_sim.make_docs(20, seed=91, users=("admin",), buckets=("analysis_data", "manifest_data"))
+    archive_docs = anchore_sim.make_docs(10, seed=92, users=("admin",), buckets=("analysis_archive",))
+    anchore_sim.store(db, anchore_sim.Location("s3", s3_client=s3.client, s3_bucket=bucket), main_docs)
+    anchore_sim.store(db, anchore_sim.Location("s3", s3_client=s3.client, s3_bucket=bucket, prefix="archive/"),
+                      archive_docs)
+    source = write_config(tmp_path / "from.yaml", section("s3", s3.driver_config(bucket)),
+                          analysis_archive=section("s3", s3.driver_config(bucket, prefix="archive/")))
+    dest = write_config(tmp_path / "to.yaml", section("db"))
+    result = cli("migrate", source, dest, "--dontask", "--progress", "none")
+    assert result.returncode == 0, result.stderr
+    assert f"rows stored under s3://{bucket}/archive/ belong to the config's other section" in result.stderr
+    assert [row[0] for row in task_rows(db)] == ["complete"]
+    moved = {url for url in urls(db) if url.startswith("db://")}
+    assert len(moved) == len(main_docs)
+    assert all(url.startswith(f"s3://{bucket}/archive/") for url in urls(db) - moved)
+    assert len(s3.keys(bucket)) == len(archive_docs)
+    assert_all_readable(db, s3.client, main_docs + archive_docs)

@@ -172,6 +172,72 @@ def test_frozen_joiner_is_fenced_after_takeover_and_a_migration_back(db, s3, cli
     assert db.execute("SELECT archive_documents_migrated FROM archive_migration_tasks ORDER BY id").fetchall() == counts
 
 
+def test_a_joiner_frozen_between_its_fence_check_and_its_deletes_sends_none_of_them(db, s3, cli, tmp_path):
+    """s3 -> db. The joiner commits a batch, checks its lease, and freezes
+    just before sending DeleteObjects for the old copies. The main host takes
+    over and finishes, the operator migrates back (the same keys are written
+    again), and then the joiner wakes: its deletes would remove the new
+    copies. Every S3 request that changes a key checks the fence itself."""
+    bucket = s3.new_bucket()
+    docs = anchore_sim.make_docs(60, seed=83, users=("admin", "acme"), buckets=("analysis_data", "manifest_data"))
+    anchore_sim.store(db, anchore_sim.Location("s3", s3_client=s3.client, s3_bucket=bucket), docs)
+    source = write_config(tmp_path / "s3.yaml", section("s3", s3.driver_config(bucket, **FAST)))
+    dest = write_config(tmp_path / "db.yaml", section("db"))
+    main = Tool(cli.dsn, migrate_args(source, dest), {"OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
+    main.wait_stopped()
+    joiner = Tool(cli.dsn, migrate_args(source, dest, "--join"), {"OBJMIG_FREEZE_AT": "before-delete-send:1"},
+                  tmp_path, "joiner")
+    try:
+        joiner.wait_stopped()
+        main.resume()
+        code, log = main.finish()
+        assert code == 0, log
+        assert task_rows(db)[-1][0] == "complete"
+        back = cli("migrate", dest, source, "--dontask", "--progress", "none")
+        assert back.returncode == 0, back.stderr
+        assert len(s3.keys(bucket)) == len(docs)
+    finally:
+        joiner.resume()
+    code, log = joiner.finish()
+    assert code == 1, log
+    assert len(s3.keys(bucket)) == len(docs), log  # none of the joiner's deletes went out
+    assert_all_readable(db, s3.client, docs)
+    assert all(url.startswith(f"s3://{bucket}/") for url in urls(db))
+
+
+def test_a_joiner_reaching_another_store_under_the_destinations_name_is_refused(db, cli, tmp_path):
+    """db -> localfs. On the joining host the destination's path leads
+    elsewhere (its volume not mounted there: here a symlink moved). Its
+    manifest matches the run's, but the directory lacks the run's marker:
+    the join is refused before it writes anything, and the run finishes."""
+    docs = seed(db, 40)
+    real, elsewhere, dest_dir = tmp_path / "real", tmp_path / "elsewhere", tmp_path / "dest"
+    real.mkdir()
+    elsewhere.mkdir()
+    dest_dir.symlink_to(real)
+    source = write_config(tmp_path / "from.yaml", section("db"))
+    dest = write_config(tmp_path / "to.yaml", section("localfs", {"archive_data_dir": str(dest_dir)}))
+    main = Tool(cli.dsn, migrate_args(source, dest), {"OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
+    main.wait_stopped()
+    try:
+        dest_dir.unlink()
+        dest_dir.symlink_to(elsewhere)
+        joiner = cli(*migrate_args(source, dest, "--join"))
+        assert joiner.returncode == 2, joiner.stderr
+        assert "holds no marker, not the run's: it is another store under the same name" in joiner.stderr
+        assert list(elsewhere.iterdir()) == []
+        assert db.execute("SELECT count(*) FROM objmig_shards WHERE worker IS NOT NULL").fetchone()[0] == 0
+    finally:
+        dest_dir.unlink()
+        dest_dir.symlink_to(real)
+        main.resume()
+    code, log = main.finish()
+    assert code == 0, log
+    assert_all_readable(db, None, docs)
+    assert all(url.startswith(f"file://{dest_dir}/") for url in urls(db))
+    assert not (real / ".anchore-objmig-run").exists()  # the marker goes with the run
+
+
 def test_joiner_frozen_inside_its_commit_transaction_cannot_stall_the_run(db, s3, cli, tmp_path):
     docs, bucket, source, dest, main = frozen_main_run(cli, db, s3, tmp_path, 60)
     # Frozen "idle in transaction" right after its metadata UPDATE, holding those rows.
@@ -190,6 +256,37 @@ def test_joiner_frozen_inside_its_commit_transaction_cannot_stall_the_run(db, s3
     assert code != 0, log
     assert_all_readable(db, s3.client, docs)
     assert len(s3.keys(bucket)) == len(docs)
+
+
+def test_joiner_frozen_inside_a_copy_into_the_database_cannot_stall_the_run(db, cli, tmp_path):
+    """db -> db2. The joiner freezes in the middle of its batch's COPY, inside
+    the transaction that confirmed its lease: its session waits on the client
+    (no idle timeout applies) holding the shard row, which hides the shard
+    from every claim. Once it is silent past the takeover time, the run's
+    owner ends that session and its shard is taken over."""
+    docs = seed(db, 60)
+    source = write_config(tmp_path / "from.yaml", section("db"))
+    dest = write_config(tmp_path / "to.yaml", section("db2"))
+    main = Tool(cli.dsn, migrate_args(source, dest), {"OBJMIG_FREEZE_AT": "after-plan:1"}, tmp_path, "main")
+    main.wait_stopped()
+    joiner = Tool(cli.dsn, migrate_args(source, dest, "--join"), {"OBJMIG_FREEZE_AT": "in-copy:1"}, tmp_path, "joiner")
+    try:
+        joiner.wait_stopped()
+        assert db.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY objmig_stage_object%%' "
+                          "AND state = 'active'").fetchone()[0] == 1
+        main.resume()
+        code, log = main.finish(timeout=120)
+        assert code == 0, log
+        assert f":{joiner.pid}:" in log and "silent past the takeover time inside a transaction" in log, log
+        assert task_rows(db)[-1][0] == "complete"
+        assert all(url.startswith("db2://") for url in urls(db))
+        assert_all_readable(db, None, docs)
+    finally:
+        joiner.resume()
+    code, log = joiner.finish()
+    assert code != 0, log
+    assert_all_readable(db, None, docs)
+    assert db.execute("SELECT count(*) FROM object_storage").fetchone()[0] == len(docs)
 
 
 def children_of(pid):
@@ -248,10 +345,7 @@ def run_through_a_database_fault(tmp_path, s3, fault, *extra):
     """A migration on a private PostgreSQL cluster, `fault(server)` applied once
     the first documents moved: (exit code, log, the server, the documents).
     The caller stops the server."""
-    server = devservers.PostgresServer().start()
-    with psycopg.connect(server.dsn, autocommit=True) as conn:
-        anchore_sim.apply_schema(conn)
-        docs = seed(conn, 150)
+    server, docs = seeded_private_database(150)
     bucket = s3.new_bucket()
     with FaultProxy(s3.endpoint) as proxy:
         proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
@@ -265,14 +359,29 @@ def run_through_a_database_fault(tmp_path, s3, fault, *extra):
     return code, log, server, docs
 
 
+def seeded_private_database(count):
+    """A PostgreSQL cluster of the test's own (to stop and restart), with
+    Anchore's tables and `count` documents: (server, documents)."""
+    server = devservers.PostgresServer().start()
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        anchore_sim.apply_schema(conn)
+        docs = seed(conn, count)
+    return server, docs
+
+
+def assert_moved_whole(server, s3, docs):
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        assert_all_readable(conn, s3.client, docs)
+        assert [row[0] for row in task_rows(conn)] == ["complete"]
+        assert conn.execute("SELECT sum(documents_done) FROM objmig_shards").fetchone()[0] == len(docs)
+
+
 def test_database_restart_mid_run(tmp_path, s3):
     code, log, server, docs = run_through_a_database_fault(tmp_path, s3, lambda server: server.restart())
     try:
         assert code == 0, log
         assert "took the migration lock again" in log
-        with psycopg.connect(server.dsn, autocommit=True) as conn:
-            assert_all_readable(conn, s3.client, docs)
-            assert [row[0] for row in task_rows(conn)] == ["complete"]
+        assert_moved_whole(server, s3, docs)
     finally:
         server.stop()
 
@@ -285,23 +394,17 @@ def test_database_away_longer_than_the_connect_retries(tmp_path, s3):
     try:
         assert code == 0, log
         assert "Traceback" not in log
-        with psycopg.connect(server.dsn, autocommit=True) as conn:
-            assert_all_readable(conn, s3.client, docs)
-            assert [row[0] for row in task_rows(conn)] == ["complete"]
-            assert conn.execute("SELECT sum(documents_done) FROM objmig_shards").fetchone()[0] == len(docs)
+        assert_moved_whole(server, s3, docs)
     finally:
         server.stop()
 
 
 def test_workers_that_start_while_the_database_is_away_wait_for_it(tmp_path, s3):
     """The outage begins between planning and the workers' start: each
-    worker's first connection and its read of the run wait it out like
-    later ones do, rather than exit and leave their shards to a retry."""
-    server = devservers.PostgresServer().start()
+    worker's first connection and its read of the run wait it out like later
+    ones do (the host's first worker is the parent: it used to end the run)."""
+    server, docs = seeded_private_database(60)
     try:
-        with psycopg.connect(server.dsn, autocommit=True) as conn:
-            anchore_sim.apply_schema(conn)
-            docs = seed(conn, 60)
         bucket = s3.new_bucket()
         source, dest = configs(tmp_path, s3, bucket, max_attempts=3)
         main = Tool(server.dsn, migrate_args(source, dest, "--workers", "2"), {"OBJMIG_FREEZE_AT": "after-plan:1"},
@@ -315,10 +418,9 @@ def test_workers_that_start_while_the_database_is_away_wait_for_it(tmp_path, s3)
         code, log = main.finish()
         assert code == 0, log
         assert "cannot connect" not in log and "worker stopped" not in log and "Traceback" not in log, log
-        with psycopg.connect(server.dsn, autocommit=True) as conn:
-            assert_all_readable(conn, s3.client, docs)
-            assert [row[0] for row in task_rows(conn)] == ["complete"]
-            assert conn.execute("SELECT sum(documents_done) FROM objmig_shards").fetchone()[0] == len(docs)
+        # Said once per process (the parent and one worker), not once per attempt of every thread.
+        assert log.count("database not reachable") <= 2 and "database reachable again" in log, log
+        assert_moved_whole(server, s3, docs)
     finally:
         server.stop()
 

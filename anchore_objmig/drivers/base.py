@@ -103,6 +103,19 @@ class Driver:
         """Fail early if the backend cannot be reached (or written, if `write`);
         create what the config says may be created only if `create`."""
 
+    def write_run_marker(self, token):
+        """As a run's destination: leave `token` in this store, for a joining
+        host to prove it reaches the same store and not a namesake (a
+        directory not mounted there, another S3 server behind the same
+        address). db and db2 need none: they are the run's own database."""
+
+    def read_run_marker(self):
+        """The token write_run_marker left here, or None."""
+        return None
+
+    def remove_run_marker(self):
+        """At the run's end; a marker left by a stopped run is overwritten by the next."""
+
     def clean_up_before_run(self, conn):
         """As a migration's destination, before it writes: remove what killed
         writes of earlier runs left behind (and say how much)."""

@@ -6,6 +6,7 @@ from anchore_objmig import db
 
 from anchore_objmig.drivers.base import Driver
 from anchore_objmig.drivers.postgres import epoch_now, failing_all, key_arrays
+from anchore_objmig.faults import crash_point
 
 READ = sql.SQL(
     """COPY (SELECT o."userId", o.bucket, o.key, o.content
@@ -58,6 +59,7 @@ class Db2Driver(Driver):
                     copy.set_types(["text", "text", "text", "bytea", "int4"])
                     for item in items:
                         copy.write_row((item.user_id, item.bucket, item.archive_id, item.stored.data, now))
+                        crash_point("in-copy")
                 cur.execute(UPSERT)
         except Exception as exc:
             return failing_all([item.url for item in items], exc)

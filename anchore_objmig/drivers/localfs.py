@@ -22,6 +22,7 @@ from anchore_objmig.faults import crash_point
 log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".objmig-"
+RUN_MARKER = ".anchore-objmig-run"  # a running migration's token (Driver.write_run_marker)
 FOREIGN_TEMP_AGE = 3600  # seconds: a temporary file of another host's writer this old is abandoned
 
 
@@ -81,6 +82,32 @@ class LocalFsDriver(Driver):
     def delete_many(self, urls):
         results = self.executor().map(delete_one, urls)
         return {url: error for url, error in zip(urls, results) if error}
+
+    def marker_path(self):
+        return os.path.join(self.directory, RUN_MARKER)
+
+    def write_run_marker(self, token):
+        temporary = f"{self.marker_path()}.{os.getpid()}"
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(temporary, "w", encoding="ascii") as handle:
+                handle.write(token)
+            os.replace(temporary, self.marker_path())
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.marker_path()}: {exc.strerror or exc}") from None
+
+    def read_run_marker(self):
+        try:
+            with open(self.marker_path(), encoding="ascii") as handle:
+                return handle.read().strip()
+        except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+            return None
+
+    def remove_run_marker(self):
+        try:
+            os.unlink(self.marker_path())
+        except FileNotFoundError:
+            pass
 
     def clean_up_before_run(self, conn):
         removed = remove_abandoned_temporaries(self.directory)

@@ -115,7 +115,7 @@ class S3Driver(Driver):
         with TRANSPORT_LOCK:
             if self._fast is None:
                 try:
-                    self._fast = s3_crt.Transport(self.store.driver_config, truthy)
+                    self._fast = s3_crt.Transport(self.store.driver_config, truthy, self.context.check_fence)
                 except (s3_crt.AwsCrtError, OSError) as exc:  # e.g. a ca_bundle that is missing or no CA file
                     detail = f"{exc.name}: {exc.message}" if isinstance(exc, s3_crt.AwsCrtError) else str(exc)
                     raise ConnectError(f"cannot set up the S3 client{self.where()}: {detail}") from None
@@ -201,6 +201,30 @@ class S3Driver(Driver):
             kind = ConnectError if exc.code in AUTH_ERRORS or exc.code.startswith("AWS_") else ObjmigError
             what = "reach S3" if exc.code.startswith("AWS_") else f"write to s3://{self.bucket}/{self.prefix}"
             raise kind(f"cannot {what}{self.where()}: {exc}") from None
+
+    def write_run_marker(self, token):
+        body = token.encode("ascii")
+        try:
+            self.fast.put(self.bucket, self.marker_key(), body, codec.md5_of(body).digest(), CONTENT_TYPE)
+        except s3_crt.HotPathError as exc:
+            raise ObjmigError(f"cannot write s3://{self.bucket}/{self.marker_key()}{self.where()}: {exc}") from None
+
+    def read_run_marker(self):
+        try:
+            found = self.fast.get(self.bucket, self.marker_key())
+        except s3_crt.HotPathError as exc:
+            raise ObjmigError(f"cannot read s3://{self.bucket}/{self.marker_key()}{self.where()}: {exc}") from None
+        return found[0].decode("ascii", "replace").strip() if found else None
+
+    def remove_run_marker(self):
+        try:
+            self.fast.delete_one(self.bucket, self.marker_key())
+        except s3_crt.HotPathError as exc:
+            log.warning("could not delete s3://%s/%s (the run's marker, 32 bytes): %s", self.bucket,
+                        self.marker_key(), exc)
+
+    def marker_key(self):
+        return f"{self.prefix}{PROBE_DIR}run"
 
     # -- bulk operations ---------------------------------------------------
     def read_many(self, urls):

@@ -65,10 +65,17 @@ def boto3_chain_provider():
     return auth.AwsCredentialsProvider.new_delegate(get_credentials)
 
 
+# Requests that change what a key holds: each is sent only while this process
+# may write (the fence), checked right before every attempt, so a worker that
+# froze between its own check and the request cannot land it afterwards.
+FENCED = frozenset({"PutObject", "UploadPart", "CompleteMultipartUpload", "DeleteObject", "DeleteObjects"})
+
+
 class Transport:
     """One awscrt S3Client for the driver config; thread-safe, one per process."""
 
-    def __init__(self, config, truthy):
+    def __init__(self, config, truthy, fence=lambda: None):
+        self.fence = fence  # raises when this process may no longer write
         url = config.get("url")
         region = config.get("region") if isinstance(config.get("region"), str) and config.get("region") else "us-east-1"
         if url:
@@ -123,6 +130,8 @@ class Transport:
             path = f"{path}?{query}"
         sent = [("Host", host), ("Content-Length", str(len(body))), *headers]
         for attempt in range(1, self.attempts + 1):
+            if operation in FENCED:
+                self.fence()
             answer = {}
             chunks = []
             message = http.HttpRequest(method, path, http.HttpHeaders(sent), io.BytesIO(body) if body else None)

@@ -159,7 +159,7 @@ def run_checked(options, db_settings, source_store, dest_store):
 
 def migrate(conn, options, db_settings, where, source_store, dest_store, source, dest):
     lock_conn = db.connect(db_settings, autocommit=True, role="lock")
-    task_id = None
+    task_id = marker = None
     try:
         if not db.try_migration_lock(lock_conn):
             raise ObjmigError(
@@ -195,6 +195,8 @@ def migrate(conn, options, db_settings, where, source_store, dest_store, source,
     except BaseException as exc:
         if task_id is not None:  # stopped while planning: close the task it had opened
             close_unstarted(conn, task_id)
+        if marker:
+            dest.remove_run_marker()  # no run was started: leave the destination as it was
         lock_conn.close()
         if task_id is not None and isinstance(exc, (KeyboardInterrupt, Terminated)):
             name, status = stop_name(exc)
@@ -430,14 +432,24 @@ def wait_for_other_hosts(conn, task_id):
             return False
         for name, host, age in ledger.live_holders(conn, task_id):
             if age is not None and age >= run.takeover_seconds:
-                for worker, pid in ledger.cut_off_silent_holders(conn, task_id):
+                for holder, pid in cut_off_silent_holders(conn, task_id):
                     log.warning("ended database session %d of worker %s, silent past the takeover time inside a "
-                                "transaction (a frozen process holding its shard)", pid, worker)
+                                "transaction (a frozen process holding its shard)", pid, holder)
                 return True  # a new claim takes it over
             if name not in announced:
                 announced.add(name)
                 log.info("waiting for worker %s on host %s (heartbeat %.0fs ago)", name, host, age or 0)
         time.sleep(1)
+
+
+def cut_off_silent_holders(conn, task_id):
+    """ledger.cut_off_silent_holders, or nothing if our role may not end
+    those sessions (a frozen holder then stalls its shard until it wakes)."""
+    try:
+        return ledger.cut_off_silent_holders(conn, task_id)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        log.warning("cannot end the sessions of silent workers of task %d (%s)", task_id, db.first_line(exc))
+        return []
 
 
 def join(conn, options, db_settings, source_store, dest_store, source, dest):

@@ -108,6 +108,8 @@ class LocalFsDriver(Driver):
             os.unlink(self.marker_path())
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            log.warning("could not remove %s (the run's marker): %s", self.marker_path(), exc.strerror or exc)
 
     def clean_up_before_run(self, conn):
         removed = remove_abandoned_temporaries(self.directory)

@@ -509,6 +509,19 @@ def live_holders(conn, task_id):
     ).fetchall()
 
 
+SILENT_HOLDERS = """
+    SELECT DISTINCT s.worker, split_part(s.worker, ':', 1) || ':' || split_part(s.worker, ':', 2) AS host_pid
+    FROM objmig_shards s JOIN objmig_runs r ON r.task_id = s.task_id
+    WHERE s.task_id = %(task_id)s AND s.state = 'running' AND s.worker IS NOT NULL
+      AND s.heartbeat < now() - make_interval(secs => r.lease_seconds + r.write_grace_seconds)"""
+
+
+def silent_holders(conn, task_id):
+    """Workers holding shards of the run that have not confirmed them for
+    longer than the run's takeover time."""
+    return [row[0] for row in conn.execute(SILENT_HOLDERS, {"task_id": task_id})]
+
+
 def cut_off_silent_holders(conn, task_id):
     """End the database sessions of workers silent past the run's takeover
     time that are still inside a transaction: a process frozen in the middle
@@ -518,19 +531,15 @@ def cut_off_silent_holders(conn, task_id):
     already; this only frees what it holds. The names of its sessions are
     db.session_name's. [(worker, backend pid)] of the sessions ended."""
     return conn.execute(
-        """WITH silent AS (
-               SELECT DISTINCT s.worker, split_part(s.worker, ':', 1) || ':' || split_part(s.worker, ':', 2) AS host_pid
-               FROM objmig_shards s JOIN objmig_runs r ON r.task_id = s.task_id
-               WHERE s.task_id = %s AND s.state = 'running' AND s.worker IS NOT NULL
-                 AND s.heartbeat < now() - make_interval(secs => r.lease_seconds + r.write_grace_seconds)),
+        f"""WITH silent AS ({SILENT_HOLDERS}),
            targets AS MATERIALIZED (
                SELECT silent.worker, a.pid
                FROM silent JOIN pg_stat_activity a
-                 ON a.application_name IN (left(%s || ' worker ' || silent.host_pid, 63),
-                                           left(%s || ' reader ' || silent.host_pid, 63))
+                 ON a.application_name IN (left(%(name)s || ' worker ' || silent.host_pid, 63),
+                                           left(%(name)s || ' reader ' || silent.host_pid, 63))
                WHERE a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL)
            SELECT worker, pid FROM targets WHERE pg_terminate_backend(pid)""",
-        (task_id, db.APPLICATION_NAME, db.APPLICATION_NAME),
+        {"task_id": task_id, "name": db.APPLICATION_NAME},
     ).fetchall()
 
 

@@ -165,6 +165,7 @@ def run_workers(spec, count, log_settings, on_batch=None, stop=None, names=None)
     for process in processes:
         process.start()
         names.append(worker.worker_name(spec.instance, process.pid))
+    watch = SilentChildren(spec)
     try:
         worker.run_worker(spec, on_batch=on_batch, stop=stop)
         while any(process.is_alive() for process in processes):
@@ -173,13 +174,65 @@ def run_workers(spec, count, log_settings, on_batch=None, stop=None, names=None)
                 on_batch()
             if stop is not None and stop.is_set():
                 stop_processes(processes)
+            watch.kill_silent(processes)
     except BaseException:
         stop_processes(processes)
         raise
+    finally:
+        watch.close()
     for process in processes:
-        if process.exitcode != 0:
+        if process.exitcode != 0 and process.pid not in watch.killed:
             log.error("worker %s ended with exit status %s", process.name, process.exitcode)
     return names
+
+
+class SilentChildren:
+    """Finds this host's worker processes that are stuck (stopped by a
+    signal, hung on a dead mount): those holding shards they stopped
+    confirming for longer than the run's takeover time, and those still
+    there a takeover time after every shard was over (a healthy worker with
+    nothing to claim ends within seconds). Waiting for them would stall the
+    run: they are killed, so their shards are given back and worked again
+    (SIGKILL also ends a stopped process; their writes are fenced anyway)."""
+
+    INTERVAL = 2.0  # seconds between looks at the ledger
+
+    def __init__(self, spec):
+        self.spec, self.conn, self.next_look = spec, None, time.monotonic() + self.INTERVAL
+        self.over_since = None  # when no shard was left pending or running
+        self.killed = set()  # pids
+
+    def kill_silent(self, processes):
+        if time.monotonic() < self.next_look:
+            return
+        self.next_look = time.monotonic() + self.INTERVAL
+        try:
+            if self.conn is None or self.conn.closed:
+                self.conn = db.connect(self.spec.db_settings, autocommit=True, role="guard")
+            silent = set(ledger.silent_holders(self.conn, self.spec.task_id))
+            pending, running = ledger.shard_counts(self.conn, self.spec.task_id)
+            run = ledger.get_run(self.conn, self.spec.task_id)
+        except (psycopg.Error, ObjmigError):
+            self.close()  # the database is away: the workers wait it out, and so does this look
+            return
+        if pending or running:
+            self.over_since = None
+        elif self.over_since is None:
+            self.over_since = time.monotonic()
+        lingering = run is not None and self.over_since is not None and \
+            time.monotonic() - self.over_since > run.takeover_seconds
+        for process in processes:
+            if not process.is_alive():
+                continue
+            if worker.worker_name(self.spec.instance, process.pid) in silent or lingering:
+                log.warning("worker %s (pid %d) has been silent past the run's takeover time (stopped or hung): "
+                            "killing it so its shards are worked again", process.name, process.pid)
+                process.kill()
+                self.killed.add(process.pid)
+
+    def close(self):
+        db.close_quietly(self.conn)
+        self.conn = None
 
 
 def stop_processes(processes, timeout=30):

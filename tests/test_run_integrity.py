@@ -5,6 +5,7 @@ SIGINT/SIGTERM). Each test checks that no document is lost or corrupted and
 that exit codes and task rows tell the truth.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -292,6 +293,41 @@ def test_joiner_frozen_inside_a_copy_into_the_database_cannot_stall_the_run(db, 
 def children_of(pid):
     with open(f"/proc/{pid}/task/{pid}/children") as handle:
         return [int(child) for child in handle.read().split()]
+
+
+def test_a_stopped_worker_process_of_this_host_cannot_stall_the_run(db, s3, cli, tmp_path):
+    """One of the host's worker processes is stopped (SIGSTOP; a hang on a
+    dead mount looks the same) while it holds a shard. The parent does not
+    wait for it for ever: past the takeover time it kills it, and its shard
+    is worked again."""
+    docs = seed(db, 120)
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
+        source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
+        main = Tool(cli.dsn, migrate_args(source, dest, "--workers", "2"), None, tmp_path, "main")
+
+        def holding_child():  # (multiprocessing's resource tracker is a child too)
+            if db.execute("SELECT to_regclass('objmig_shards')").fetchone()[0] is None:
+                return None  # not planned yet
+            holders = {row[0] for row in db.execute("SELECT worker FROM objmig_shards WHERE state = 'running'")}
+            return next((pid for pid in children_of(main.pid) if any(f":{pid}:" in h for h in holders)), None)
+
+        seen = []
+        wait_for(lambda: seen.append(holding_child()) or seen[-1] is not None, 120, "a worker process to claim a shard")
+        child = seen[-1]
+        os.kill(child, signal.SIGSTOP)
+        try:
+            code, log = main.finish(timeout=180)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGCONT)
+    assert code == 0, log
+    assert "has been silent past the run's takeover time (stopped or hung): killing it" in log, log
+    assert " ERROR " not in log, log  # killed on purpose: not reported as a worker failure
+    assert [row[0] for row in task_rows(db)] == ["complete"]
+    assert_all_readable(db, s3.client, docs)
+    assert all(url.startswith(f"s3://{bucket}/") for url in urls(db))
 
 
 def test_workers_die_with_their_parent_and_a_rerun_does_not_race_them(db, s3, cli, tmp_path):

@@ -200,6 +200,7 @@ class SilentChildren:
     def __init__(self, spec):
         self.spec, self.conn, self.next_look = spec, None, time.monotonic() + self.INTERVAL
         self.over_since = None  # when no shard was left pending or running
+        self.takeover_seconds = None  # the run's, read once
         self.killed = set()  # pids
 
     def kill_silent(self, processes):
@@ -211,7 +212,9 @@ class SilentChildren:
                 self.conn = db.connect(self.spec.db_settings, autocommit=True, role="guard")
             silent = set(ledger.silent_holders(self.conn, self.spec.task_id))
             pending, running = ledger.shard_counts(self.conn, self.spec.task_id)
-            run = ledger.get_run(self.conn, self.spec.task_id)
+            if self.takeover_seconds is None:
+                run = ledger.get_run(self.conn, self.spec.task_id)
+                self.takeover_seconds = run.takeover_seconds if run else float("inf")
         except (psycopg.Error, ObjmigError):
             self.close()  # the database is away: the workers wait it out, and so does this look
             return
@@ -219,8 +222,7 @@ class SilentChildren:
             self.over_since = None
         elif self.over_since is None:
             self.over_since = time.monotonic()
-        lingering = run is not None and self.over_since is not None and \
-            time.monotonic() - self.over_since > run.takeover_seconds
+        lingering = self.over_since is not None and time.monotonic() - self.over_since > self.takeover_seconds
         for process in processes:
             if not process.is_alive():
                 continue

@@ -89,6 +89,15 @@ def configs(tmp_path, s3, bucket, compress=False, proxy=None, **extra):
     return source, dest
 
 
+@contextlib.contextmanager
+def slowed_puts(s3, tmp_path, bucket, delay=0.05, **settings):
+    """(source, dest) configs for db -> s3 through a proxy that holds every
+    PUT `delay` s: the run lasts long enough to be stopped, frozen or joined."""
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(Rule("delay", method="PUT", delay=delay, times=None))
+        yield configs(tmp_path, s3, bucket, proxy=proxy, **settings)
+
+
 def migrate_args(source, dest, *extra):
     return ["migrate", source, dest, "--dontask", "--workers", "1", "--batch-size", "5", "--shard-size", "20",
             "--progress", "none", *LEASE, *extra]
@@ -302,9 +311,7 @@ def test_a_stopped_worker_process_of_this_host_cannot_stall_the_run(db, s3, cli,
     is worked again."""
     docs = seed(db, 120)
     bucket = s3.new_bucket()
-    with FaultProxy(s3.endpoint) as proxy:
-        proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
-        source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
+    with slowed_puts(s3, tmp_path, bucket) as (source, dest):
         main = Tool(cli.dsn, migrate_args(source, dest, "--workers", "2"), None, tmp_path, "main")
 
         def holding_child():  # (multiprocessing's resource tracker is a child too)
@@ -333,9 +340,7 @@ def test_a_stopped_worker_process_of_this_host_cannot_stall_the_run(db, s3, cli,
 def test_workers_die_with_their_parent_and_a_rerun_does_not_race_them(db, s3, cli, tmp_path):
     docs = seed(db, 200)
     bucket = s3.new_bucket()
-    with FaultProxy(s3.endpoint) as proxy:
-        proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
-        source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
+    with slowed_puts(s3, tmp_path, bucket) as (source, dest):
         args = migrate_args(source, dest)
         args[args.index("--workers") + 1] = "3"
         main = Tool(cli.dsn, args, None, tmp_path, "main")
@@ -360,9 +365,7 @@ def test_workers_die_with_their_parent_and_a_rerun_does_not_race_them(db, s3, cl
 def test_lock_session_killed_is_taken_again_and_excludes_a_second_migration(db, s3, cli, tmp_path):
     docs = seed(db, 150)
     bucket = s3.new_bucket()
-    with FaultProxy(s3.endpoint) as proxy:
-        proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
-        source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
+    with slowed_puts(s3, tmp_path, bucket) as (source, dest):
         main = Tool(cli.dsn, migrate_args(source, dest), None, tmp_path, "main")
         wait_for(lambda: len(s3.keys(bucket)) >= 10, 120, "the first documents to move")
         db.execute("""SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'
@@ -383,11 +386,9 @@ def run_through_a_database_fault(tmp_path, s3, fault, *extra):
     The caller stops the server."""
     server, docs = seeded_private_database(150)
     bucket = s3.new_bucket()
-    with FaultProxy(s3.endpoint) as proxy:
-        proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
-        # These tests are about the database: S3 requests get their retries
-        # (a gateway stalling past FAST's 3 s read timeout is not the fault here).
-        source, dest = configs(tmp_path, s3, bucket, proxy=proxy, max_attempts=3)
+    # These tests are about the database: S3 requests get their retries
+    # (a gateway stalling past FAST's 3 s read timeout is not the fault here).
+    with slowed_puts(s3, tmp_path, bucket, max_attempts=3) as (source, dest):
         main = Tool(server.dsn, migrate_args(source, dest, *extra), None, tmp_path, "main")
         wait_for(lambda: len(s3.keys(bucket)) >= 10, 120, "the first documents to move")
         fault(server)
@@ -464,10 +465,8 @@ def test_workers_that_start_while_the_database_is_away_wait_for_it(tmp_path, s3)
 def test_joiner_finishes_the_run_when_the_main_host_dies(db, s3, cli, tmp_path):
     docs = seed(db, 200)
     bucket = s3.new_bucket()
-    with FaultProxy(s3.endpoint) as proxy:
-        # Slow uploads through few threads: the main host is still busy when the joiner claims its shard.
-        proxy.add(Rule("delay", method="PUT", delay=0.2, times=None))
-        source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
+    # Slow uploads through few threads: the main host is still busy when the joiner claims its shard.
+    with slowed_puts(s3, tmp_path, bucket, delay=0.2) as (source, dest):
         main = Tool(cli.dsn, migrate_args(source, dest, "--io-threads", "2"), None, tmp_path, "main")
         wait_for(lambda: len(s3.keys(bucket)) >= 5, 120, "the main host to start")
         joiner = Tool(cli.dsn, migrate_args(source, dest, "--join", "--io-threads", "8"), None, tmp_path, "joiner")
@@ -486,9 +485,7 @@ def test_joiner_finishes_the_run_when_the_main_host_dies(db, s3, cli, tmp_path):
 def test_sigterm_and_sigint_close_the_task_at_once(db, s3, cli, tmp_path):
     docs = seed(db, 150)
     bucket = s3.new_bucket()
-    with FaultProxy(s3.endpoint) as proxy:
-        proxy.add(Rule("delay", method="PUT", delay=0.05, times=None))
-        source, dest = configs(tmp_path, s3, bucket, proxy=proxy)
+    with slowed_puts(s3, tmp_path, bucket) as (source, dest):
         for sig, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
             metrics_file = tmp_path / f"metrics-{status}.prom"
             moved_before = len(s3.keys(bucket))  # the first stop's documents stay moved

@@ -45,16 +45,18 @@ def md5_of(data):
     return hashlib.md5(data, usedforsecurity=False)
 
 
-def decode(stored_bytes, is_compressed, expected_digest, expected_size=None, limit=None):
+def decode(stored_bytes, is_compressed, expected_digest, expected_size=None, limit=None, known_md5=None):
     """The document's plain bytes, after checking the digest and size of what was stored.
 
     `limit`: raise TooLarge rather than decompress more than this many bytes.
+    `known_md5`: the MD5 hex of `stored_bytes` when already computed (as they
+    were read), so they are not hashed a second time.
 
     A NULL digest or size (rows written by old Anchore versions) cannot be
     checked; whatever is known is, and any mismatch refuses the document.
     """
     if expected_digest:
-        actual = md5_of(stored_bytes).hexdigest()
+        actual = known_md5 or md5_of(stored_bytes).hexdigest()
         if actual != expected_digest.strip().lower():
             raise DigestMismatch(f"digest mismatch: metadata says {expected_digest}, stored bytes hash to {actual}")
     if expected_size is not None and len(stored_bytes) != expected_size:
@@ -111,7 +113,8 @@ def to_db_text(data):
 
 
 def from_db_text(jsondata, b64_encoded):
-    """Stored bytes from archive_document.jsondata; NULL reads as empty."""
+    """Stored bytes from archive_document.jsondata, given as its UTF-8 bytes;
+    NULL reads as empty."""
     if jsondata is None:
         return b""
     if b64_encoded:
@@ -119,4 +122,4 @@ def from_db_text(jsondata, b64_encoded):
             return base64.b64decode(jsondata)
         except (ValueError, TypeError) as exc:  # binascii.Error is a ValueError
             raise CorruptDocument(f"b64_encoded but not valid base64: {exc}") from None
-    return jsondata.encode("utf-8")
+    return bytes(jsondata)

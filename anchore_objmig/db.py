@@ -110,7 +110,10 @@ def session_name(role):
 
 def connect(settings, autocommit=False, role="main"):
     """A psycopg connection, retried with backoff while the server is unreachable."""
-    kwargs = {"connect_timeout": settings.connect_timeout, "application_name": session_name(role), **KEEPALIVES}
+    # client_encoding UTF8 whatever PGCLIENTENCODING says: documents are read
+    # and written as UTF-8 bytes (drivers/db.py), never decoded on the way.
+    kwargs = {"connect_timeout": settings.connect_timeout, "application_name": session_name(role),
+              "client_encoding": "UTF8", **KEEPALIVES}
     if settings.sslmode:
         kwargs["sslmode"] = settings.sslmode
     if settings.sslrootcert:

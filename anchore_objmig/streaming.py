@@ -170,7 +170,8 @@ def attempt(conn, lease, row, url, source, dest, dest_store, allowed, compress, 
     crash_point("stream-document")
     reader = open_reader(source, row.content_url)
     pieces = Decoded(reader, row)
-    encoder = Encoder(compress)
+    # Neither side compressed: the stored bytes are the source's, so its MD5 serves both.
+    encoder = Encoder(compress, same_as=pieces if not compress and not row.is_compressed else None)
     fence = dest.context.check_fence
     progress = getattr(dest.context.fence, "progress", lambda: None)
 
@@ -242,7 +243,7 @@ def settle(encoder, pieces, dest_store, allowed, compress):
     if compress != (allowed and pieces.plain_size > dest_store.compression_threshold):
         raise Restart(f"{pieces.plain_size} bytes plain: {'not ' if compress else ''}above min_size_kbytes, "
                       f"so {'not ' if compress else ''}compressed", compress=not compress)
-    return StreamedStored(is_compressed=compress, digest=encoder.md5.hexdigest(), size=encoder.size)
+    return StreamedStored(is_compressed=compress, digest=encoder.hexdigest(), size=encoder.size)
 
 
 class Decoded:
@@ -251,7 +252,9 @@ class Decoded:
 
     def __init__(self, reader, row):
         self.reader, self.row = reader, row
-        self.md5 = codec.md5_of(b"")
+        # A reader that hashes what it yields (S3's, for the ETag) is not hashed twice.
+        self.hashed_by_reader = getattr(reader, "md5", None) is not None
+        self.md5 = reader.md5 if self.hashed_by_reader else codec.md5_of(b"")
         self.stored_size = 0
         self.plain_size = 0
         self.inflate = zlib.decompressobj() if row.is_compressed else None
@@ -263,7 +266,8 @@ class Decoded:
     def __iter__(self):
         try:
             for data in self.reader:
-                self.md5.update(data)
+                if not self.hashed_by_reader:
+                    self.md5.update(data)
                 self.stored_size += len(data)
                 yield from self.plain(data)
             if self.inflate is not None:
@@ -310,12 +314,20 @@ class Decoded:
 
 
 class Encoder:
-    """Plain pieces to the destination's stored bytes, with their MD5 and size."""
+    """Plain pieces to the destination's stored bytes, with their MD5 and size.
 
-    def __init__(self, compress):
+    `same_as`: the Decoded source whose stored bytes these are, byte for byte
+    (neither side compressed); its MD5 is theirs, so they are not hashed twice.
+    """
+
+    def __init__(self, compress, same_as=None):
         self.deflate = zlib.compressobj(codec.ZLIB_LEVEL) if compress else None
-        self.md5 = codec.md5_of(b"")
+        self.same_as = same_as
+        self.md5 = codec.md5_of(b"") if same_as is None else None
         self.size = 0
+
+    def hexdigest(self):
+        return (self.md5 if self.md5 is not None else self.same_as.md5).hexdigest()
 
     def feed(self, piece):
         return self.counted(self.deflate.compress(piece) if self.deflate else piece)
@@ -324,6 +336,7 @@ class Encoder:
         return self.counted(self.deflate.flush() if self.deflate else b"")
 
     def counted(self, data):
-        self.md5.update(data)
+        if self.md5 is not None:
+            self.md5.update(data)
         self.size += len(data)
         return data

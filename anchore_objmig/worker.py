@@ -91,12 +91,12 @@ def worker_name(instance, pid=None):
 
 
 def read_sources(source, rows):
-    """{content_url: (stored bytes or exception, proven whole by the backend)}
-    for a batch, in one bulk read."""
+    """{content_url: (stored bytes or exception, their MD5 hex when the backend
+    proved them whole, else None)} for a batch, in one bulk read."""
     try:
         return source.read_proven([row.content_url for row in rows])
     except Exception as exc:  # the whole bulk read failed: every document fails
-        return {row.content_url: (exc, False) for row in rows}
+        return {row.content_url: (exc, None) for row in rows}
 
 
 def prepare_writes(rows, found, dest, dest_store, result, too_large=None, stream_threshold=streaming.THRESHOLD):
@@ -108,7 +108,7 @@ def prepare_writes(rows, found, dest, dest_store, result, too_large=None, stream
     threshold = dest_store.compression_threshold
     items = []
     for row in rows:
-        stored, proven = found.get(row.content_url, (None, False))
+        stored, proof = found.get(row.content_url, (None, None))
         if stored is None or isinstance(stored, NotFound):
             result.failures.append((row, f"{integrity.MISSING}: {stored or f'no document at {row.content_url}'}"))
             continue
@@ -118,7 +118,8 @@ def prepare_writes(rows, found, dest, dest_store, result, too_large=None, stream
             continue
         try:
             limit = stream_threshold if too_large is not None else None
-            plain = codec.decode(stored, row.is_compressed, row.digest, row.size, limit)
+            # A proof is the MD5 these bytes were just hashed to on the way in: not hashed again.
+            plain = codec.decode(stored, row.is_compressed, row.digest, row.size, limit, known_md5=proof)
             # The digest was just checked against these very bytes when they were stored plain.
             encoded = codec.encode(plain, compress, threshold, None if row.is_compressed else row.digest)
         except (codec.DigestMismatch, codec.CorruptDocument) as exc:
@@ -130,7 +131,7 @@ def prepare_writes(rows, found, dest, dest_store, result, too_large=None, stream
         except Exception as exc:  # noqa: BLE001 - whatever it is, it is this document's alone
             result.failures.append((row, f"{integrity.UNREADABLE}: {type(exc).__name__}: {exc}"))
             continue
-        if not proven and row.digest is None and row.size is None:
+        if not proof and row.digest is None and row.size is None:
             result.unverifiable.append(row)  # moved as read; named in the report
         url = dest.url_for(row.user_id, row.bucket, row.archive_id)
         items.append((row, WriteItem(url, row.user_id, row.bucket, row.archive_id, encoded)))

@@ -131,9 +131,10 @@ class Driver:
         raise NotImplementedError
 
     def read_proven(self, urls):
-        """{url: (stored bytes or exception, proven)}: `proven` when the backend
-        itself vouched that the bytes are whole (an S3 ETag that is their MD5)."""
-        return {url: (found, False) for url, found in self.read_many(urls).items()}
+        """{url: (stored bytes or exception, proof)}: `proof` is the bytes' MD5
+        hex when the backend itself vouched that they are whole (an S3 ETag
+        that is their MD5, checked as they were read), else None."""
+        return {url: (found, None) for url, found in self.read_many(urls).items()}
 
     def write_many(self, items):
         """Store every WriteItem; {url: exception} for those that failed."""

@@ -43,7 +43,11 @@ class DbDriver(Driver):
         found = {}
         query = READ.format(users=sql.Literal(users), buckets=sql.Literal(buckets), ids=sql.Literal(ids))
         with db.transaction(conn), conn.cursor() as cur, cur.copy(query) as copy:
-            copy.set_types(["text", "text", "text", "text", "bool"])
+            # jsondata read as bytea: in a binary COPY a text value is its bytes
+            # (UTF-8, the session's client_encoding), so they arrive as bytes,
+            # not decoded to str and encoded back (a measured share of db→s3's
+            # client CPU).
+            copy.set_types(["text", "text", "text", "bytea", "bool"])
             for user, bucket, archive_id, jsondata, b64_encoded in copy.rows():
                 try:  # one bad row fails alone, not its whole batch
                     found[self.url_for(user, bucket, archive_id)] = codec.from_db_text(jsondata, b64_encoded)

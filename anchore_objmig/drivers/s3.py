@@ -247,8 +247,9 @@ class S3Driver(Driver):
         return {url: found for url, found in zip(urls, self.executor().map(size, urls)) if found is not None}
 
     def read_one(self, url):
-        """(bytes or exception, proven by the ETag); short and cut-off bodies
-        are read again, with backoff, up to max_attempts times."""
+        """(bytes or exception, their MD5 hex when the object's ETag proved
+        them, else None); short and cut-off bodies are read again, with
+        backoff, up to max_attempts times."""
         attempts = int(self.store.driver_config.get("max_attempts", 5))
         for attempt in range(1, attempts + 1):
             try:
@@ -260,11 +261,11 @@ class S3Driver(Driver):
                     time.sleep(min(0.25 * 2 ** attempt, 4) * random.uniform(0.5, 1.0))
                     continue
                 tries = f" (after {attempt} attempts)" if exc.retryable else ""
-                return StorageError(f"cannot read {url}{tries}: {exc}"), False
+                return StorageError(f"cannot read {url}{tries}: {exc}"), None
             except (StorageError, OSError) as exc:
-                return StorageError(f"cannot read {url}: {exc}"), False
+                return StorageError(f"cannot read {url}: {exc}"), None
             if found is None:
-                return NotFound(f"no object at {url}"), False
+                return NotFound(f"no object at {url}"), None
             return found
 
     def write_many(self, items):

@@ -164,9 +164,10 @@ class Transport:
                      headers=[("Content-MD5", codec.content_md5_header(md5)), ("Content-Type", content_type)])
 
     def get(self, bucket, key):
-        """(the whole object's bytes, whether its ETag proved them), or None when
-        there is no such key. A body shorter than its Content-Length, cut off or
-        not matching an MD5 ETag raises TruncatedBody."""
+        """(the whole object's bytes, their MD5 hex when the object's ETag is an
+        MD5 and they hashed to it, else None), or None when there is no such
+        key. A body shorter than its Content-Length, cut off or not matching an
+        MD5 ETag raises TruncatedBody."""
         try:
             _, headers, data = self.request("GetObject", "GET", bucket, key)
         except HotPathError as exc:
@@ -181,7 +182,7 @@ class Transport:
         etag = plain_md5_etag(headers)
         if etag is not None and codec.md5_of(data).hexdigest() != etag:
             raise TruncatedBody("ETagMismatch", f"the {len(data)} bytes read do not hash to the object's ETag {etag}")
-        return data, etag is not None
+        return data, etag
 
     def create_multipart(self, bucket, key, content_type):
         _, _, body = self.request("CreateMultipartUpload", "POST", bucket, key, query="uploads",

@@ -177,20 +177,23 @@ class B64Decoder:
 
 
 class S3Reader:
-    """An S3 object in ranged GETs; `proven` once its bytes hashed to an MD5 ETag."""
+    """An S3 object in ranged GETs; `proven` once its bytes hashed to an MD5
+    ETag. `md5` hashes every byte yielded (streaming.Decoded uses it rather
+    than hashing them again)."""
 
     def __init__(self, driver, url):
         self.driver, self.url = driver, url
         self.bucket, self.key = split_s3_url(url)
         self.attempts = int(driver.store.driver_config.get("max_attempts", 5))
         self.proven = False
+        self.md5 = codec.md5_of(b"")
 
     def __iter__(self):
         _, headers, _ = self.retried(lambda: self.driver.fast.request("HeadObject", "HEAD", self.bucket, self.key))
         length = int(headers.get("content-length") or 0)
         etag = headers.get("etag")
         md5_etag = s3_crt.plain_md5_etag(headers)
-        md5 = codec.md5_of(b"")
+        md5 = self.md5
         # The next slice is fetched while this one is written: the GET and the
         # write overlap, at the cost of one slice more in memory.
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="objmig-slice") as ahead:

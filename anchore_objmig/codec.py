@@ -35,6 +35,9 @@ class Stored:
     is_compressed: bool
     digest: str  # MD5 hex of data
     md5: bytes  # the raw MD5, for Content-MD5 headers
+    # True when digest is the metadata row's, not yet checked against data:
+    # the destination's Content-MD5 check is what proves it.
+    unchecked: bool = False
 
     @property
     def size(self):
@@ -90,6 +93,20 @@ def encode(plain, compress, threshold, plain_digest=None):
     data = zlib.compress(plain, ZLIB_LEVEL) if is_compressed else plain
     digest = md5_of(data)
     return Stored(data=data, is_compressed=is_compressed, digest=digest.hexdigest(), md5=digest.digest())
+
+
+def is_md5_hex(digest):
+    """A digest as Anchore writes it: 32 hex digits (any case, maybe padded)."""
+    text = (digest or "").strip()
+    return len(text) == 32 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def mismatch(stored):
+    """DigestMismatch when an unchecked Stored's bytes do not hash to its digest, else None."""
+    actual = md5_of(stored.data).hexdigest()
+    if actual == stored.digest:
+        return None
+    return DigestMismatch(f"digest mismatch: metadata says {stored.digest}, stored bytes hash to {actual}")
 
 
 def content_md5_header(md5_bytes):

@@ -118,10 +118,18 @@ def prepare_writes(rows, found, dest, dest_store, result, too_large=None, stream
             continue
         try:
             limit = stream_threshold if too_large is not None else None
+            # Sent as they are (stored plain, not compressed on the way) to a
+            # backend that checks Content-MD5: the metadata's digest is sent as
+            # it, and the backend's check is the digest check (one hash less).
+            as_is = (not row.is_compressed and not proof and codec.is_md5_hex(row.digest)
+                     and not (compress and len(stored) > threshold) and dest.checks_digest_of(len(stored)))
             # A proof is the MD5 these bytes were just hashed to on the way in: not hashed again.
-            plain = codec.decode(stored, row.is_compressed, row.digest, row.size, limit, known_md5=proof)
-            # The digest was just checked against these very bytes when they were stored plain.
+            plain = codec.decode(stored, row.is_compressed, None if as_is else row.digest, row.size, limit,
+                                 known_md5=proof)
+            # Stored plain: the digest is these very bytes' (checked above, or left to the backend).
             encoded = codec.encode(plain, compress, threshold, None if row.is_compressed else row.digest)
+            if as_is:
+                encoded = replace(encoded, unchecked=True)
         except (codec.DigestMismatch, codec.CorruptDocument) as exc:
             result.failures.append((row, f"{integrity.CORRUPT}: {exc}"))
             continue
@@ -160,7 +168,9 @@ def confirmed_writes(items, wait, result):
         errors = {item.url: exc for _, item in items}
     written = []
     for row, item in items:
-        if item.url in errors:
+        if isinstance(errors.get(item.url), codec.DigestMismatch):  # found out by the backend's Content-MD5 check
+            result.failures.append((row, f"{integrity.CORRUPT}: {errors[item.url]}"))
+        elif item.url in errors:
             result.failures.append((row, f"write refused: {errors[item.url]}"))
         else:
             written.append((row, item))

@@ -10,9 +10,14 @@ the answer's body: a 200 with a short body and a Content-Length to match
 ranged GET as a server that ignores Range would, with 200 and a huge body
 ("ignorerange", counting in `sent` what the client let it send), or with
 another range than was asked for ("shiftrange": the Content-Range moved by a
-byte, the body spoilt). Rules fire a bounded number of times.
+byte, the body spoilt). "acceptbaddigest" plays a server that does not
+check Content-MD5: a write whose body does not hash to its Content-MD5 is
+answered 200 (and dropped) instead of reaching the server. Rules fire a
+bounded number of times.
 """
 
+import base64
+import hashlib
 import http.client
 import re
 import socket
@@ -36,6 +41,7 @@ class Rule:
     #              | "droppart" (a CompleteMultipartUpload that lists all but its last part)
     #              | "short200" | "cutoff" | "resetbody" (spoil the answer's body, see the module doc)
     #              | "ignorerange" | "shiftrange" (a wrong answer to a ranged GET, see the module doc)
+    #              | "acceptbaddigest" (200 to a write whose body does not match its Content-MD5)
     method: str | None = None  # e.g. "PUT"; None: any
     path: str | None = None  # regex searched in the request path (with query)
     times: int | None = 1  # how often it fires; None: always
@@ -85,6 +91,12 @@ class FaultProxy:
                     return
                 if rule and rule.action == "delay":
                     time.sleep(rule.delay)
+                if rule and rule.action == "acceptbaddigest":
+                    sent = {k.lower(): v for k, v in self.headers.items()}.get("content-md5")
+                    digest = hashlib.md5(body).digest()
+                    if sent and sent != base64.b64encode(digest).decode():
+                        self.reply(200, {"ETag": f'"{digest.hex()}"'}, b"")
+                        return
                 if rule and rule.action == "corrupt" and body:
                     body = bytes([body[0] ^ 0xFF]) + body[1:]  # a bit flip in transit
                 if rule and rule.action == "droppart":

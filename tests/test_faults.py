@@ -144,6 +144,11 @@ def test_every_write_carries_a_correct_content_md5(db, s3, cli, tmp_path):
         assert cli("migrate", dest, source, "--dontask").returncode == 0
     writes = [(method, path, headers, body) for method, path, headers, body in proxy.seen
               if method == "PUT" or (method == "POST" and "delete" in path)]
+    # Each process's probe of whether the server checks Content-MD5 sends a wrong one on purpose.
+    probes = [w for w in writes if w[3] == b"anchore-objmig Content-MD5 probe"]
+    writes = [w for w in writes if w not in probes]
+    assert probes and all(".anchore-objmig-probe/" in path for _, path, _, _ in probes)
+    assert not [key for key in s3.keys(bucket) if ".anchore-objmig-probe/" in key]  # refused, never stored
     document_puts = [w for w in writes if w[0] == "PUT" and ("/admin/" in w[1] or "/acme/" in w[1])]
     parts = [w for w in writes if "partNumber=" in w[1]]
     deletes = [w for w in writes if w[0] == "POST"]

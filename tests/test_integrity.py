@@ -1,6 +1,8 @@
 """Document integrity: every read proven whole, no shared copy deleted while
 needed, one bad row failing alone, and messages true of what they name."""
 
+import base64
+
 import anchore_sim
 from faultproxy import FaultProxy, Rule
 from helpers import assert_all_readable, section, task_rows, through_proxy, urls, write_config
@@ -153,6 +155,69 @@ def test_one_bad_row_fails_alone_and_the_batch_moves(db, cli, tmp_path):
     assert moved == len(docs) - 1
     assert task_rows(db)[0][:1] == ("failed",)
     assert_all_readable(db, None, [d for d in docs if d is not bad], skip={bad.archive_id})
+
+
+def spoil_keeping_size(db, doc):
+    """The document's stored bytes changed, not their length: only its digest can tell."""
+    db.execute("""UPDATE archive_document SET jsondata = translate(jsondata, 'ae', 'ea') WHERE "archiveId" = %s""",
+               (doc.archive_id,))
+
+
+def assert_refused_as_corrupt(db, s3, bucket, result, docs, bad):
+    assert result.returncode == 1
+    named = [line for line in result.stderr.splitlines() if "FAILED" in line]
+    assert len(named) == 1 and bad.archive_id in named[0] and "corrupt at the source: digest mismatch" in named[0]
+    assert "are corrupt at the source" in result.stderr
+    assert not [key for key in s3.keys(bucket) if bad.archive_id.split(":")[1] in key]  # never stored
+    row = db.execute('SELECT content_url FROM archive_metadata WHERE "archiveId" = %s', (bad.archive_id,)).fetchone()
+    assert row[0].startswith("db://")  # left where it was
+    assert db.execute('SELECT count(*) FROM archive_document WHERE "archiveId" = %s',
+                      (bad.archive_id,)).fetchone()[0] == 1
+    assert_all_readable(db, s3.client, [d for d in docs if d is not bad], skip={bad.archive_id})
+
+
+def test_the_servers_content_md5_check_is_the_digest_check_of_documents_sent_as_they_are(db, s3, cli, tmp_path):
+    """db→s3 without compression: the metadata's digest goes as Content-MD5
+    and the server's check proves the bytes (not hashed here first); a
+    document whose bytes do not match it is refused there, and named corrupt."""
+    docs = anchore_sim.make_docs(14, seed=97, buckets=("analysis_data",))
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bad = docs[5]
+    digest = db.execute('SELECT digest FROM archive_metadata WHERE "archiveId" = %s', (bad.archive_id,)).fetchone()[0]
+    spoil_keeping_size(db, bad)
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
+        source = write_config(tmp_path / "a.yaml", section("db"))
+        dest = write_config(tmp_path / "b.yaml", section("s3", through_proxy(s3, proxy, bucket)))
+        result = cli("migrate", source, dest, "--dontask")
+    sent = [headers for method, path, headers, _ in proxy.seen
+            if method == "PUT" and bad.archive_id.split(":")[1] in path]
+    assert sent and {h.get("Content-MD5") or h.get("content-md5") for h in sent} == {
+        base64.b64encode(bytes.fromhex(digest)).decode()}
+    assert_refused_as_corrupt(db, s3, bucket, result, docs, bad)
+
+
+def test_a_server_that_does_not_check_content_md5_gets_documents_hashed_here(db, s3, cli, tmp_path):
+    """A server that stores what it is sent whatever its Content-MD5 cannot be
+    the digest check: the probe finds it out, says so, and every document is
+    hashed before it is sent, so a corrupt one is still caught and kept."""
+    docs = anchore_sim.make_docs(14, seed=98, buckets=("analysis_data",))
+    anchore_sim.store(db, anchore_sim.Location("db"), docs)
+    bad = docs[7]
+    spoil_keeping_size(db, bad)
+    bucket = s3.new_bucket()
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.add(Rule("acceptbaddigest", method="PUT", times=None))
+        source = write_config(tmp_path / "a.yaml", section("db"))
+        dest = write_config(tmp_path / "b.yaml", section("s3", through_proxy(s3, proxy, bucket)))
+        result = cli("migrate", source, dest, "--dontask")
+        assert proxy.rules[0].fired >= 1  # the probes
+    assert "does not check what it is sent" in result.stderr
+    assert not [path for method, path, _, _ in proxy.seen
+                if method == "PUT" and bad.archive_id.split(":")[1] in path]  # caught before it was sent
+    assert_refused_as_corrupt(db, s3, bucket, result, docs, bad)
+
+
 def test_unverifiable_documents_are_named_and_get_digest_and_size(db, cli, tmp_path):
     docs = anchore_sim.make_docs(8, seed=94)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)

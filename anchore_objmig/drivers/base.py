@@ -130,6 +130,13 @@ class Driver:
         """{url: stored bytes or the exception that stopped its read}."""
         raise NotImplementedError
 
+    def checks_digest_of(self, size):
+        """Whether writing `size` stored bytes here is one request whose
+        Content-MD5 the backend itself checks against the bytes, so a digest
+        taken from the metadata row need not be computed here first: a
+        mismatch is refused (and write_many says DigestMismatch)."""
+        return False
+
     def read_proven(self, urls):
         """{url: (stored bytes or exception, proof)}: `proof` is the bytes' MD5
         hex when the backend itself vouched that they are whole (an S3 ETag

@@ -35,6 +35,10 @@ PART_THREADS = 4  # parts of large documents in flight at once, per process
 PART_POOL_LOCK = threading.Lock()
 CLIENT_LOCK = threading.Lock()
 TRANSPORT_LOCK = threading.Lock()
+PROBE_LOCK = threading.Lock()
+# (endpoint, bucket): whether that server checks Content-MD5, probed once per process.
+CONTENT_MD5_CHECKED = {}
+BAD_DIGEST = frozenset({"BadDigest", "InvalidDigest"})
 PROBE_DIR = ".anchore-objmig-probe/"
 AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken", "ExpiredToken"}
 MISSING_BUCKET = {"NoSuchBucket", "404", "NotFound"}
@@ -188,6 +192,46 @@ class S3Driver(Driver):
                 raise UsageError(f"cannot create S3 bucket {self.bucket!r}{self.where()}: {describe_error(exc)}") from None
         log.info("created S3 bucket %s", self.bucket)
 
+    def checks_digest_of(self, size):
+        return size <= self.part_size and self.checks_content_md5()
+
+    def checks_content_md5(self):
+        """Whether this server refuses a PUT whose body does not hash to its
+        Content-MD5 (AWS, MinIO, SeaweedFS do), probed once per process. One
+        that stores it anyway cannot be the digest check: documents are then
+        hashed here before they are sent."""
+        where = (self.endpoint, self.bucket)
+        with PROBE_LOCK:
+            if where not in CONTENT_MD5_CHECKED:
+                CONTENT_MD5_CHECKED[where] = self.probe_content_md5()
+            return CONTENT_MD5_CHECKED[where]
+
+    def probe_content_md5(self):
+        """PUT a small object with a wrong Content-MD5: True when it is refused."""
+        key = f"{self.prefix}{PROBE_DIR}{uuid.uuid4().hex}"
+        body = b"anchore-objmig Content-MD5 probe"
+        wrong = codec.content_md5_header(codec.md5_of(body + b"?").digest())
+        try:
+            # Not a fenced operation: a late landing of it changes no document.
+            self.fast.request("ContentMD5Probe", "PUT", self.bucket, key, body=body,
+                              headers=[("Content-MD5", wrong), ("Content-Type", CONTENT_TYPE)])
+        except s3_crt.HotPathError as exc:
+            if exc.code in BAD_DIGEST:
+                return True
+            log.debug("Content-MD5 probe of s3://%s/%s failed (%s): documents are hashed here", self.bucket, key, exc)
+            return False
+        except (ObjmigError, OSError) as exc:  # no transport: the writes will say why; hashing here is the safe side
+            log.debug("no Content-MD5 probe of s3://%s (%s): documents are hashed here", self.bucket, exc)
+            return False
+        log.warning("the S3 server%s stored an object whose bytes do not match its Content-MD5: it does not check "
+                    "what it is sent, so each write is confirmed only by the hash this tool computes before sending",
+                    self.where())
+        try:
+            self.fast.delete_one(self.bucket, key)
+        except s3_crt.HotPathError as exc:
+            log.warning("could not delete s3://%s/%s (a %d-byte probe): %s", self.bucket, key, len(body), exc)
+        return False
+
     def probe_write(self):
         """Write and delete a tiny object under the prefix (never at the bucket
         root, so prefix-scoped IAM policies work)."""
@@ -201,6 +245,7 @@ class S3Driver(Driver):
             kind = ConnectError if exc.code in AUTH_ERRORS or exc.code.startswith("AWS_") else ObjmigError
             what = "reach S3" if exc.code.startswith("AWS_") else f"write to s3://{self.bucket}/{self.prefix}"
             raise kind(f"cannot {what}{self.where()}: {exc}") from None
+        self.checks_content_md5()  # here, at the start, where its warning belongs
 
     def write_run_marker(self, token):
         body = token.encode("ascii")
@@ -285,11 +330,19 @@ class S3Driver(Driver):
             bucket, key = split_s3_url(item.url)
             self.context.check_fence()  # no write is sent once this process may no longer write
             if len(item.stored.data) > self.part_size:
+                bad = codec.mismatch(item.stored) if item.stored.unchecked else None  # parts prove only themselves
+                if bad is not None:
+                    return bad
                 self.put_multipart(bucket, key, item.stored.data)
             else:
                 self.fast.put(bucket, key, item.stored.data, item.stored.md5, CONTENT_TYPE)
             crash_point("s3-put")
         except (StorageError, s3_crt.HotPathError) as exc:
+            if item.stored.unchecked and getattr(exc, "code", None) in BAD_DIGEST:
+                # Refused against the metadata's digest: the source's bytes, or the bytes in transit?
+                found = codec.mismatch(item.stored)
+                if found is not None:
+                    return found
             return StorageError(f"cannot write {item.url}: {describe_error(exc)}")
         return None
 

@@ -292,8 +292,9 @@ def add_commands(commands, manager_only=False):
     )
     migrate.add_argument("--shard-size", type=positive_int, default=5000, metavar="N", help="at most N documents per shard (default 5000; fewer in a small run, so each worker has about 4 shards)")
     migrate.add_argument(
-        "--multipart-threshold", type=size_bytes, default=8 * 1024 * 1024, metavar="SIZE",
-        help="S3 documents larger than this go up in parts of this size (default 8MiB)",
+        "--multipart-threshold", type=size_bytes, default=32 * 1024 * 1024, metavar="SIZE",
+        help="S3 documents larger than this go up in parts of 8MiB, or of SIZE if smaller (default 32MiB); "
+        "documents streamed because they are too large to hold whole always go up in parts",
     )
     migrate.add_argument(
         "--toast-compression", choices=toast.CHOICES, default="lz4",

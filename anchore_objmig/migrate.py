@@ -18,7 +18,7 @@ from psycopg import sql
 from anchore_objmig import db, integrity, ledger, manifest, metrics, plan, preflight, prompt, scope, signals, supervisor, tasks, toast, worker
 from anchore_objmig.config import load_store_config
 from anchore_objmig.display import ProgressDisplay, human_bytes, print_json
-from anchore_objmig.drivers import DriverContext, make_driver
+from anchore_objmig.drivers import DEFAULT_MULTIPART_THRESHOLD, DriverContext, make_driver
 from anchore_objmig.errors import (EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, ConnectError, ObjmigError,
                                    StoppedWhilePlanning, Terminated, UsageError)
 from anchore_objmig.faults import crash_point
@@ -47,7 +47,7 @@ class MigrateOptions:
     batch_bytes: int = 32 * 1024 * 1024  # decoded bytes (worker.decoded_estimate)
     shard_documents: int = plan.DEFAULT_SHARD_DOCUMENTS
     shard_bytes: int = plan.DEFAULT_SHARD_BYTES
-    multipart_threshold: int = 8 * 1024 * 1024
+    multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD
     toast_compression: str = "lz4"  # toast.CHOICES
     lease_seconds: float = manifest.DEFAULT_LEASE_SECONDS
     join: bool = False

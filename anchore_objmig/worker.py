@@ -21,7 +21,7 @@ import psycopg
 from anchore_objmig import codec, db, integrity, ledger, logs, plan, streaming
 from anchore_objmig.faults import crash_point
 from anchore_objmig.db import DbSettings
-from anchore_objmig.drivers import DocRow, DriverContext, NotFound, WriteItem, make_driver
+from anchore_objmig.drivers import DEFAULT_MULTIPART_THRESHOLD, DocRow, DriverContext, NotFound, WriteItem, make_driver
 from anchore_objmig.errors import ConnectError, ObjmigError
 from anchore_objmig.ledger import LeaseLost
 
@@ -58,7 +58,7 @@ class WorkerSpec:
     batch_size: int = 500
     batch_bytes: int = 32 * 1024 * 1024
     io_threads: int = 32
-    multipart_threshold: int = 8 * 1024 * 1024
+    multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD
     parent_pid: int | None = None  # a worker process exits when this process is gone
     instance: str = ""  # random, per host run: host:pid alone can repeat across containers
 

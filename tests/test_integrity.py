@@ -179,8 +179,11 @@ def assert_refused_as_corrupt(db, s3, bucket, result, docs, bad):
 def test_the_servers_content_md5_check_is_the_digest_check_of_documents_sent_as_they_are(db, s3, cli, tmp_path):
     """db→s3 without compression: the metadata's digest goes as Content-MD5
     and the server's check proves the bytes (not hashed here first); a
-    document whose bytes do not match it is refused there, and named corrupt."""
+    document whose bytes do not match it is refused there, and named corrupt.
+    Every document held whole (up to 32 MiB by default) is one such PUT."""
     docs = anchore_sim.make_docs(14, seed=97, buckets=("analysis_data",))
+    big = anchore_sim.Doc("admin", "analysis_data", "big", b'{"pad": "' + b"x" * (12 * 1024 * 1024) + b'"}')
+    docs.append(big)
     anchore_sim.store(db, anchore_sim.Location("db"), docs)
     bad = docs[5]
     digest = db.execute('SELECT digest FROM archive_metadata WHERE "archiveId" = %s', (bad.archive_id,)).fetchone()[0]
@@ -194,6 +197,8 @@ def test_the_servers_content_md5_check_is_the_digest_check_of_documents_sent_as_
             if method == "PUT" and bad.archive_id.split(":")[1] in path]
     assert sent and {h.get("Content-MD5") or h.get("content-md5") for h in sent} == {
         base64.b64encode(bytes.fromhex(digest)).decode()}
+    big_requests = [(method, path) for method, path, _, _ in proxy.seen if path.split("?")[0].endswith("/big")]
+    assert big_requests == [("PUT", big_requests[0][1])] and "?" not in big_requests[0][1]  # one PUT, no parts
     assert_refused_as_corrupt(db, s3, bucket, result, docs, bad)
 
 

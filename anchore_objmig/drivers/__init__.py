@@ -13,9 +13,11 @@ from anchore_objmig.errors import ConfigError
 DRIVERS = {driver.name: driver for driver in (DbDriver, Db2Driver, S3Driver, LocalFsDriver)}
 # Known to Anchore but not to this tool: refused with a clear message.
 UNSUPPORTED = {"swift": "the swift driver (OpenStack Swift) is not supported by anchore-objmig"}
-DEFAULT_MULTIPART_THRESHOLD = 8 * 1024 * 1024
+# Documents held whole (up to 32 MiB, streaming.THRESHOLD) go up in one PUT: its
+# Content-MD5 can be the row's digest, so they are not hashed here (s3.py).
+DEFAULT_MULTIPART_THRESHOLD = 32 * 1024 * 1024
 
-__all__ = ["DRIVERS", "DocRow", "Driver", "DriverContext", "NotFound", "WriteItem", "make_driver", "validate_store"]
+__all__ = ["DEFAULT_MULTIPART_THRESHOLD", "DRIVERS", "DocRow", "Driver", "DriverContext", "NotFound", "WriteItem", "make_driver", "validate_store"]
 
 
 @dataclass

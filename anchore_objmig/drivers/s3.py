@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "binary/octet-stream"  # what Anchore writes
 DELETE_BATCH = 1000  # DeleteObjects' limit
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's smallest multipart part (but the last)
+PART_SIZE = 8 * 1024 * 1024  # parts of a multipart upload (smaller with a smaller --multipart-threshold)
 PART_THREADS = 4  # parts of large documents in flight at once, per process
 PART_POOL_LOCK = threading.Lock()
 CLIENT_LOCK = threading.Lock()
@@ -103,7 +104,8 @@ class S3Driver(Driver):
         self.bucket = config["bucket"].strip()
         self.prefix = config.get("prefix") or ""
         self.endpoint = config.get("url") or None
-        self.part_size = max(context.multipart_threshold, MIN_PART_SIZE)
+        self.single_put_limit = max(context.multipart_threshold, MIN_PART_SIZE)
+        self.part_size = max(min(context.multipart_threshold, PART_SIZE), MIN_PART_SIZE)
         self._client = None  # boto3, made on first use: workers rarely need it
         self._fast = None  # awscrt, made on first use (in the process that uses it)
         self.pool = None
@@ -193,7 +195,7 @@ class S3Driver(Driver):
         log.info("created S3 bucket %s", self.bucket)
 
     def checks_digest_of(self, size):
-        return size <= self.part_size and self.checks_content_md5()
+        return size <= self.single_put_limit and self.checks_content_md5()
 
     def checks_content_md5(self):
         """Whether this server refuses a PUT whose body does not hash to its
@@ -329,7 +331,7 @@ class S3Driver(Driver):
         try:
             bucket, key = split_s3_url(item.url)
             self.context.check_fence()  # no write is sent once this process may no longer write
-            if len(item.stored.data) > self.part_size:
+            if len(item.stored.data) > self.single_put_limit:
                 bad = codec.mismatch(item.stored) if item.stored.unchecked else None  # parts prove only themselves
                 if bad is not None:
                     return bad

@@ -167,7 +167,8 @@ class Verifier:
             if row in large:
                 reason = streaming.check(self.driver, row)
             else:
-                reason = problem(row, found.get(row.content_url), self.threshold)
+                stored, proof = found.get(row.content_url, (None, None))
+                reason = problem(row, stored, self.threshold, proof)
                 if reason is TOO_LARGE:  # decompresses past the threshold: inflated again as a stream
                     reason = streaming.check(self.driver, row)
             if reason:
@@ -179,18 +180,19 @@ class Verifier:
         return suspects
 
     def read(self, urls):
-        """{url: stored bytes or exception}: one bulk read, or, if that fails
-        as a whole, one read per URL, so one bad URL cannot condemn a batch."""
+        """{url: (stored bytes or exception, their MD5 hex when the backend
+        proved them, else None)}: one bulk read, or, if that fails as a whole,
+        one read per URL, so one bad URL cannot condemn a batch."""
         urls = list(urls)
         try:
-            return self.driver.read_many(urls)
+            return self.driver.read_proven(urls)
         except Exception:
             found = {}
             for url in urls:
                 try:
-                    found.update(self.driver.read_many([url]))
+                    found.update(self.driver.read_proven([url]))
                 except Exception as exc:
-                    found[url] = exc
+                    found[url] = (exc, None)
             return found
 
     def current_rows(self, rows):
@@ -211,9 +213,11 @@ def key_of(row):
 TOO_LARGE = "too large to decompress whole"
 
 
-def problem(row, stored, limit=None):
+def problem(row, stored, limit=None, proof=None):
     """Why the stored bytes do not serve this row, or None if they do; TOO_LARGE
-    when they decompress to more than `limit` (to be checked as a stream)."""
+    when they decompress to more than `limit` (to be checked as a stream).
+    `proof`: the MD5 hex the bytes were hashed to as they were read (not
+    hashed again)."""
     if stored is None or isinstance(stored, NotFound):
         return "not found"
     if isinstance(stored, Exception):
@@ -222,7 +226,7 @@ def problem(row, stored, limit=None):
     if row.size is not None and len(stored) != row.size:
         reasons.append(f"size mismatch: metadata says {row.size} bytes, {len(stored)} stored")
     try:
-        codec.decode(stored, row.is_compressed, row.digest, limit=limit)
+        codec.decode(stored, row.is_compressed, row.digest, limit=limit, known_md5=proof)
     except (codec.DigestMismatch, codec.CorruptDocument) as exc:
         reasons.append(str(exc))
     except codec.TooLarge:

@@ -121,7 +121,9 @@ def prepare_writes(rows, found, dest, dest_store, result, too_large=None, stream
             # Sent as they are (stored plain, not compressed on the way) to a
             # backend that checks Content-MD5: the metadata's digest is sent as
             # it, and the backend's check is the digest check (one hash less).
+            # A wrong size is corrupt anyway: hashed here, to say so as always.
             as_is = (not row.is_compressed and not proof and codec.is_md5_hex(row.digest)
+                     and row.size in (None, len(stored))
                      and not (compress and len(stored) > threshold) and dest.checks_digest_of(len(stored)))
             # A proof is the MD5 these bytes were just hashed to on the way in: not hashed again.
             plain = codec.decode(stored, row.is_compressed, None if as_is else row.digest, row.size, limit,

@@ -282,7 +282,7 @@ def plain_md5_etag(headers):
     Header names are lower-case.
     """
     etag = (headers.get("etag") or "").strip().strip('"').lower()
-    if len(etag) != 32 or any(c not in "0123456789abcdef" for c in etag):
+    if not codec.is_md5_hex(etag):
         return None
     return None if encrypted(headers) else etag
 
